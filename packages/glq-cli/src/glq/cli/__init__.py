@@ -1,0 +1,1 @@
+"""The ``glq`` command line: quantize, evaluate, generate and inspect GLQ models."""
