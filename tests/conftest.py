@@ -69,4 +69,21 @@ def tiny_llama_path(tmp_path_factory):
     model = LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
+    _tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path
+
+
+def _tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE of ``vocab_size`` tokens trained on the shipped C4 text (about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from glq.quant.data import CALIBRATION_FILES
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CALIBRATION_FILES["c4"])], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

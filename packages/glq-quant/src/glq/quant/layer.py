@@ -1,0 +1,96 @@
+"""Quantize one linear layer: RHT, row scales, block LDLQ on a lattice code, refinement."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glq.hf.config import LayerSpec
+from glq.quant import ldlq as _ldlq
+from glq.quant import rht
+
+
+@dataclass
+class QuantizedLayer:
+    spec: LayerSpec
+    codes: tuple[torch.Tensor, ...]  # per stage (out, in/8), int16 or uint8
+    row_scale: torch.Tensor  # (out,) float32
+    signs_in: torch.Tensor  # (in,) int8
+    signs_out: torch.Tensor  # (out,) int8
+    weight: torch.Tensor  # (out, in) float32: the dequantized weight in the original basis
+    proxy_loss: float  # tr(ΔW H ΔWᵀ)
+    relative_loss: float  # proxy_loss / tr(W H Wᵀ)
+    sqnr_db: float  # 10 log10(|W|² / |ΔW|²)
+    seconds: float
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = {f"{name}.codes_{s}": c.contiguous().cpu() for s, c in enumerate(self.codes)}
+        out[f"{name}.row_scale"] = self.row_scale.contiguous().cpu()
+        out[f"{name}.signs_in"] = self.signs_in.contiguous().cpu()
+        out[f"{name}.signs_out"] = self.signs_out.contiguous().cpu()
+        return out
+
+    def report(self) -> dict:
+        return {"bpw": self.spec.bpw, "proxy_loss": self.proxy_loss, "relative_loss": self.relative_loss,
+                "sqnr_db": round(self.sqnr_db, 3), "seconds": round(self.seconds, 3)}
+
+
+def _encoder(code):
+    """(n, 8) -> (n, 8) reconstruction through the code (unit-variance units)."""
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        return code.decode(code.encode(x)).to(x.dtype)
+    return quantize
+
+
+def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw: int, seed: int,
+                    tune_iters: int = 0, damp: float = 0.01) -> QuantizedLayer:
+    """Quantize ``weight`` (out, in) at ``bpw`` against its input Hessian (in, in)."""
+    from glq.lattice import codec
+
+    start = time.perf_counter()
+    out_features, in_features = weight.shape
+    if in_features % 8:
+        raise ValueError(f"{name}: in_features={in_features} is not a multiple of 8")
+    in_blocks, out_blocks = rht.blocks_for(in_features), _out_blocks(out_features)
+    s_in = rht.random_signs(in_features, seed).to(weight.device)
+    s_out = rht.random_signs(out_features, seed + 1).to(weight.device)
+    h = _ldlq.damp_hessian(hessian.to(torch.float64), damp, name)
+    ht = rht.transform_hessian(h, s_in, in_blocks)
+    wt = rht.transform_weight(weight, s_in, s_out, in_blocks, out_blocks)  # (out, in) float32
+    # Each row is its own least-squares problem under the shared H, so rows can be
+    # normalised to unit RMS, the variance the lattice code is shaped for.
+    row_scale = wt.pow(2).mean(1).sqrt().clamp_min(1e-12)
+    wn = wt / row_scale[:, None]
+    code = codec(bpw)
+    quantize = _encoder(code)
+    ht32 = ht.to(torch.float32)
+    qn = _ldlq.ldlq(wn, ht, quantize)
+    qn = _ldlq.refine(wn, qn, ht32, quantize, tune_iters)
+    codes = code.encode(qn.reshape(-1, 8))
+    qn = code.decode(codes).reshape(out_features, in_features).to(qn.device)
+    qt = qn * row_scale[:, None]
+    # Loss in the transformed basis equals the loss in the original one (orthogonal RHT).
+    loss = _ldlq.proxy_loss(wt, qt, ht)
+    base = _ldlq.proxy_loss(wt, torch.zeros_like(wt), ht)
+    err = (qt - wt).pow(2).sum()
+    sqnr = 10 * math.log10(float(wt.pow(2).sum()) / max(float(err), 1e-30))
+    dense = rht.untransform_weight(qt, s_in, s_out, in_blocks, out_blocks)
+    spec = LayerSpec(bpw=bpw, in_features=in_features, out_features=out_features,
+                     in_blocks=in_blocks, out_blocks=out_blocks, seed=seed)
+    return QuantizedLayer(
+        spec=spec,
+        codes=tuple(c.reshape(out_features, in_features // 8) for c in codes),
+        row_scale=row_scale.to(torch.float32),
+        signs_in=s_in.cpu(), signs_out=s_out.cpu(),
+        weight=dense, proxy_loss=loss, relative_loss=loss / max(base, 1e-30), sqnr_db=sqnr,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _out_blocks(n: int) -> tuple[int, ...]:
+    # Output sizes need not be multiples of 8 (codes group inputs), but the FHT does
+    # need power-of-two blocks; the smallest block may be below 8 here.
+    return tuple(1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1)

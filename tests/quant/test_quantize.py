@@ -1,0 +1,144 @@
+"""End to end: a real model in, a GLQ folder out, at true size, resumable, streamable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from glq.hf.config import GLQFormat, stage_bits
+from glq.quant import pipeline, quantize
+
+TINY = {"nsamples": 4, "seqlen": 32, "dataset": "c4", "progress": False}
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118
+                out[k] = st.get_tensor(k)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_2bpw(tiny_llama_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "glq"
+    summary = quantize(str(tiny_llama_path), out, bpw=2, **TINY)
+    return out, summary
+
+
+def test_folder_holds_codes_at_their_true_width(tiny_2bpw, tiny_llama_path):
+    out, summary = tiny_2bpw
+    cfg = json.loads((out / "config.json").read_text())
+    fmt = GLQFormat.from_dict(cfg["quantization_config"])
+    assert len(fmt.layers) == 2 * 7 and fmt.rates == (2,)
+    tensors = _tensors(out)
+    for name, spec in fmt.layers.items():
+        assert f"{name}.weight" not in tensors  # no dense copy of a quantized weight
+        codes = tensors[f"{name}.codes_0"]
+        assert codes.dtype == torch.int16 and codes.shape == (spec.out_features, spec.in_features // 8)
+        assert sorted(tensors[f"{name}.signs_in"].unique().tolist()) == [-1, 1]
+    # seeds are per layer: signs differ between layers of equal width
+    a, b = (tensors[f"model.layers.{i}.self_attn.q_proj.signs_in"] for i in (0, 1))
+    assert not torch.equal(a, b)
+    assert summary["bpw_codes"] == pytest.approx(2.0)
+    assert summary["bpw_with_overhead"] < 2.0 + 8 * 6 / 96  # row scale + two sign bytes per row/col
+    assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors  # tied
+    assert "model.layers.0.input_layernorm.weight" in tensors
+    assert any(k.startswith("glq_tables.bpw2_stage0_") for k in tensors)
+    assert not (out / pipeline.PARTIAL).exists()
+    assert json.loads((out / "bpw_allocation.json").read_text())["mean_bpw"] == 2
+
+
+@pytest.mark.parametrize("bpw", [3, 4])
+def test_odd_and_even_rates_store_their_stages(tiny_llama_path, tmp_path, bpw):
+    out = tmp_path / "glq"
+    summary = quantize(str(tiny_llama_path), out, bpw=bpw, **TINY)
+    tensors = _tensors(out)
+    name = "model.layers.1.mlp.down_proj"
+    widths = [tensors[f"{name}.codes_{s}"].element_size() * 8 for s in range(len(stage_bits(bpw)))]
+    assert widths == list(stage_bits(bpw))
+    assert summary["bpw_codes"] == pytest.approx(bpw)
+
+
+def test_quantization_error_shrinks_with_rate(tiny_llama_path, tmp_path):
+    sqnr = {}
+    for bpw in (2, 4):
+        s = quantize(str(tiny_llama_path), tmp_path / f"b{bpw}", bpw=bpw, **TINY)
+        sqnr[bpw] = sum(v["sqnr_db"] for v in s["layers"].values()) / len(s["layers"])
+    # Each extra bit per weight is worth about 6 dB; demand most of it.
+    assert sqnr[4] - sqnr[2] > 9, sqnr
+    assert sqnr[2] > 7, sqnr
+
+
+def test_resume_after_a_crash_gives_the_same_folder(tiny_llama_path, tmp_path, monkeypatch, tiny_2bpw):
+    out = tmp_path / "glq"
+    real = pipeline._quantize_block
+    calls = {"n": 0}
+
+    def crash_on_second_block(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as Ctrl-C would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_quantize_block", crash_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(tiny_llama_path), out, bpw=2, **TINY)
+    assert json.loads((out / pipeline.PARTIAL / "state.json").read_text())["blocks"] == 1
+    monkeypatch.setattr(pipeline, "_quantize_block", real)
+    with pytest.raises(ValueError, match="other arguments"):
+        quantize(str(tiny_llama_path), out, bpw=3, **TINY)
+    quantize(str(tiny_llama_path), out, bpw=2, **TINY)
+    resumed, fresh = _tensors(out), _tensors(tiny_2bpw[0])
+    assert resumed.keys() == fresh.keys()
+    for k in fresh:
+        assert torch.equal(resumed[k], fresh[k]), k
+
+
+def test_streaming_gives_the_same_folder(tiny_llama_path, tmp_path, tiny_2bpw):
+    out = tmp_path / "glq"
+    quantize(str(tiny_llama_path), out, bpw=2, streaming=True, **TINY)
+    streamed, fresh = _tensors(out), _tensors(tiny_2bpw[0])
+    assert streamed.keys() == fresh.keys()
+    for k in fresh:
+        assert torch.equal(streamed[k], fresh[k]), k
+
+
+def test_fractional_rate_allocates_and_accepts_its_map(tiny_llama_path, tmp_path):
+    out = tmp_path / "mixed"
+    s = quantize(str(tiny_llama_path), out, bpw=2.5, min_bpw=2, max_bpw=3, **TINY)
+    alloc = json.loads((out / "bpw_allocation.json").read_text())
+    assert 2.3 < alloc["mean_bpw"] <= 2.5
+    assert {v["bpw"] for v in alloc["layers"].values()} == {2, 3}
+    assert s["bpw_codes"] == pytest.approx(alloc["mean_bpw"])
+    again = quantize(str(tiny_llama_path), tmp_path / "again", bpw=2.5, bpw_map=out / "bpw_allocation.json", **TINY)
+    assert again["bpw_codes"] == pytest.approx(s["bpw_codes"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bpw": 9}, "out of range"),
+        ({"bpw": 1.5}, "out of range"),
+        ({"bpw": 2.5, "min_bpw": 4, "max_bpw": 3}, "min_bpw=4 is above max_bpw=3"),
+        ({"bpw": 2, "device": "cuda:0"}, "no CUDA GPU") if not torch.cuda.is_available() else ({"bpw": 10}, "range"),
+        ({"bpw": 2, "nsamples": 100000}, "fewer than nsamples x seqlen"),
+    ],
+    ids=["bpw9", "bpw1.5", "min-above-max", "cuda", "short-calibration"],
+)
+def test_bad_arguments_are_named(tiny_llama_path, tmp_path, kwargs, message):
+    args = {**TINY, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        quantize(str(tiny_llama_path), tmp_path / "x", **args)
+
+
+def test_output_folder_that_is_not_a_run_is_refused(tiny_llama_path, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a resumable GLQ run"):
+        quantize(str(tiny_llama_path), out, bpw=2, **TINY)
