@@ -286,6 +286,19 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
             safetensors shards only when its turn comes, so host memory holds one block plus
             the embeddings (and the calibration activations) whatever the model size.
     """
+    summary, _ = quantize_with_model(
+        model, output_dir, bpw=bpw, nsamples=nsamples, seqlen=seqlen, device=device, min_bpw=min_bpw,
+        max_bpw=max_bpw, bpw_map=bpw_map, tune_iters=tune_iters, streaming=streaming,
+        trust_remote_code=trust_remote_code, dataset=dataset, seed=seed, resume=resume, damp=damp, progress=progress)
+    return summary
+
+
+def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 128, seqlen: int = 2048,
+                        device: str = "cpu", min_bpw=None, max_bpw=None, bpw_map=None, tune_iters: int = 0,
+                        streaming: bool = False, trust_remote_code: bool = False, dataset: str = "wikipedia",
+                        seed: int = 0, resume: bool = True, damp: float = 0.01, progress: bool = True):
+    """``quantize``, also returning the model with every quantized weight replaced by its
+    dequantized value (blocks on the CPU; None with ``streaming``), for evaluation."""
     start = time.perf_counter()
     plan = _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map, device)
     out = Path(output_dir)
@@ -358,7 +371,7 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
     else:
         allocate.write_allocation(out / ALLOCATION_FILE, rates, layer_sizes, plan.bpw)
     shutil.rmtree(out / PARTIAL)
-    return summary
+    return summary, (None if streaming else lm)
 
 
 _DEQUANTIZED = ".glq_dequantized"  # partial-file key suffix of a layer's dequantized weight
@@ -423,6 +436,11 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
     for name, spec in specs.items():
         if f"{name}.bias" in tensors and not spec.bias:
             specs[name] = LayerSpec(**{**spec.__dict__, "bias": True})
+    from glq.hf.guard import guard_tensors
+
+    # Empty tensors that make a load without `import glq.hf` fail loudly instead of
+    # returning a model with random weights (see glq.hf.guard).
+    tensors.update(guard_tensors(specs))
     code_bits = sum(layer_sizes[n] * specs[n].bpw for n in specs)
     overhead_bits = sum(8 * (4 * s.out_features + s.in_features + s.out_features) for s in specs.values())
     total_weights = sum(layer_sizes.values())

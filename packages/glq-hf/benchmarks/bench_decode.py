@@ -1,0 +1,129 @@
+"""Batch-1 decode speed of an 8B-shaped Llama: GLQ eager vs GLQ through CUDAGraphWrapper vs
+bf16 (eager and graphed), plus one torch.compile measurement of the GLQ model.
+
+Models are random-initialised straight on the GPU (glq.hf.testing.random_glq_model for GLQ;
+a bf16 model of the same shape). Decode steps use a StaticCache; timing covers only the
+single-token steps after the prompt, greedy (argmax on the device, no host sync per token).
+
+Run from the repository root with the workspace on the path::
+
+    PYTHONPATH=$(ls -d packages/*/src | paste -sd:) python packages/glq-hf/benchmarks/bench_decode.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import llama_8b_config, versions
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_decode(step, model, cache, prompt_len: int, n_tokens: int, repeats: int = 2) -> float:
+    """Tokens per second of ``n_tokens`` single-token steps through ``step`` (the last of
+    ``repeats`` runs; earlier runs capture graphs / compile)."""
+    from glq.hf.cuda_graph import forward_params
+
+    name, takes_cp = forward_params(model)
+    dev = model.device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev)
+    positions = [torch.tensor([prompt_len + i], device=dev) for i in range(n_tokens)]
+
+    def call(ids, pos):
+        kw = {name: cache, "position_ids": pos.unsqueeze(0)}
+        if takes_cp:
+            kw["cache_position"] = pos
+        return step(input_ids=ids, **kw)
+
+    rate = 0.0
+    with torch.no_grad():
+        for _ in range(repeats):
+            cache.reset()  # in place: the static addresses a captured graph uses stay valid
+            out = call(prompt, torch.arange(prompt_len, device=dev))
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            _sync()
+            t0 = time.perf_counter()
+            for pos in positions:
+                out = call(tok, pos)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync()
+            rate = n_tokens / (time.perf_counter() - t0)
+    return rate
+
+
+def measure(label: str, model, args, rows: list, compile_too: bool = False) -> None:
+    from transformers import StaticCache
+
+    from glq.hf.cuda_graph import CUDAGraphWrapper
+
+    max_len = args.prompt + args.tokens + 8
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    eager = time_decode(model, model, cache, args.prompt, args.tokens)
+    wrapper = CUDAGraphWrapper(model)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    graph = time_decode(wrapper, model, cache, args.prompt, args.tokens)
+    row = {"model": label, "eager_tok_s": eager, "cuda_graph_tok_s": graph,
+           "graph_captures": wrapper.captures, "graph_replays": wrapper.replays}
+    wrapper.reset()
+    if compile_too:
+        compiled = torch.compile(model)
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        t0 = time.perf_counter()
+        row["compile_tok_s"] = time_decode(compiled, model, cache, args.prompt, args.tokens, repeats=3)
+        row["compile_total_s"] = time.perf_counter() - t0
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = 8B)")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU")
+
+    import glq.hf  # noqa: F401
+    from glq.hf.testing import random_glq_model
+
+    config = llama_8b_config(num_hidden_layers=args.layers)
+    rows: list = []
+    for i, bpw in enumerate(args.rates):
+        model = random_glq_model(config, bpw, device="cuda", dtype=torch.bfloat16)
+        measure(f"glq-{bpw}bpw", model, args, rows, compile_too=(i == 0 and not args.no_compile))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if not args.no_bf16:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        measure("bf16", model, args, rows)
+    print("\n| model | eager tok/s | CUDAGraphWrapper tok/s | torch.compile tok/s |\n|---|---|---|---|")
+    for r in rows:
+        comp = f"{r['compile_tok_s']:.1f}" if "compile_tok_s" in r else "-"
+        print(f"| {r['model']} | {r['eager_tok_s']:.1f} | {r['cuda_graph_tok_s']:.1f} | {comp} |")
+    if args.json:
+        args.json.write_text(json.dumps({"versions": versions(), "layers": args.layers, "prompt": args.prompt,
+                                         "tokens": args.tokens, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""GPU: loading onto CUDA, the CUDA-graph decode wrapper, torch.compile. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def gpu_model(glq_folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(glq_folder, device_map="cuda", dtype=torch.bfloat16)
+
+
+def test_cuda_load_holds_compact_tensors_and_matches_cpu(gpu_model, glq_folder):
+    from transformers import AutoModelForCausalLM
+
+    from glq.hf.linear import GLQLinear
+
+    layers = [m for m in gpu_model.modules() if isinstance(m, GLQLinear)]
+    assert layers and all(m.codes_0.is_cuda and m.codes_0.dtype == torch.int16 for m in layers)
+    cpu = AutoModelForCausalLM.from_pretrained(glq_folder, dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = gpu_model(ids.cuda()).logits.float().cpu()
+        b = cpu(ids).logits
+    assert float((a - b).norm() / b.norm()) < 3e-2  # bf16 activations vs float32
+
+
+def _eager_and_graph(model, ids, n, **kw):
+    from transformers import StaticCache
+
+    from glq.hf.cuda_graph import CUDAGraphWrapper, decode
+
+    step = CUDAGraphWrapper(model)
+    eager = decode(model, ids, StaticCache(config=model.config, max_cache_len=64), n, **kw)
+    graph = decode(step, ids, StaticCache(config=model.config, max_cache_len=64), n, **kw)
+    return eager, graph, step
+
+
+def test_graph_greedy_decode_equals_eager(gpu_model):
+    ids = torch.tensor([[1, 5, 9, 2]], device="cuda")
+    eager, graph, step = _eager_and_graph(gpu_model, ids, 12)
+    assert torch.equal(eager, graph)
+    assert step.captures == 1 and step.replays == 11  # prefill eager, then one replay per new token
+
+
+def test_graph_sampling_decode_equals_eager(gpu_model):
+    ids = torch.tensor([[1, 5, 9, 2]], device="cuda")
+    kw = {"do_sample": True, "top_k": 40, "temperature": 0.8}
+    eager, _, _ = _eager_and_graph(gpu_model, ids, 10, generator=torch.Generator("cuda").manual_seed(7), **kw)
+    _, graph, step = _eager_and_graph(gpu_model, ids, 10, generator=torch.Generator("cuda").manual_seed(7), **kw)
+    assert torch.equal(eager, graph) and step.replays == 9
+
+
+def test_graph_falls_back_for_other_shapes_and_arguments(gpu_model):
+    from transformers import StaticCache
+
+    from glq.hf.cuda_graph import CUDAGraphWrapper, decode, forward_params
+
+    name, _ = forward_params(gpu_model)
+    step = CUDAGraphWrapper(gpu_model)
+    ids = torch.tensor([[1, 5, 9, 2]], device="cuda")
+    decode(step, ids, StaticCache(config=gpu_model.config, max_cache_len=32), 3)  # captures
+    two = torch.tensor([[1, 5], [9, 2]], device="cuda")
+    with torch.no_grad():
+        a = step(input_ids=two).logits
+        b = gpu_model(input_ids=two).logits
+    assert torch.equal(a, b) and "shape" in step.last_fallback
+    cache = StaticCache(config=gpu_model.config, max_cache_len=32)
+    with torch.no_grad():
+        out = step(input_ids=ids[:, :1], output_hidden_states=True, **{name: cache})
+    assert out.hidden_states is not None and "output_hidden_states" in step.last_fallback
+
+
+def test_torch_compile_matches_eager(gpu_model):
+    ids = torch.tensor([[1, 5, 9, 2, 7]], device="cuda")
+    compiled = torch.compile(gpu_model, fullgraph=False)
+    with torch.no_grad():
+        a = compiled(ids).logits.float()
+        b = gpu_model(ids).logits.float()
+    assert float((a - b).norm() / b.norm()) < 1e-2
