@@ -1,0 +1,229 @@
+"""Documented entry points: validate, reshape, then call the custom ops in :mod:`glq.kernels.ops`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._tables import RATE_STAGES, PackedTables
+from .qmatmul.reference import dequantize_reference
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HADAMARD_BLOCK = 1 << 15
+
+
+def _check_codes(codes: Sequence[Tensor], tables: PackedTables, in_features: int) -> None:
+    if not isinstance(tables, PackedTables):
+        raise TypeError(f"expected tables from pack_tables() rather than {type(tables).__name__}")
+    if len(codes) != len(tables.bits):
+        raise ValueError(f"got {len(codes)} code tensors for a rate-{tables.rate} layout with stages {tables.bits}")
+    out, groups = codes[0].shape if codes[0].dim() == 2 else (None, None)
+    for s, (c, b) in enumerate(zip(codes, tables.bits, strict=True)):
+        want = torch.int16 if b == 16 else torch.uint8
+        if c.dtype != want:
+            raise TypeError(f"codes[{s}] ({b}-bit stage): expected {want} rather than {c.dtype}")
+        if c.dim() != 2 or c.shape != (out, groups):
+            raise ValueError(f"codes[{s}]: expected shape ({out}, {groups}) like codes[0] rather than {tuple(c.shape)}")
+    if groups * 8 != in_features:
+        raise ValueError(
+            f"x has in_features={in_features} but codes hold {groups} groups of 8 (in_features={groups * 8})"
+        )
+
+
+def _check_devices(x: Tensor, *others: Tensor | None) -> None:
+    for t in others:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"expected every tensor on {x.device} rather than {t.device}")
+
+
+def _kernel_args(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor):
+    if x.device.type == "cuda" and x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"expected x float16 or bfloat16 on CUDA rather than {x.dtype}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point x rather than {x.dtype}")
+    _check_codes(codes, tables, x.shape[-1])
+    out = codes[0].shape[0]
+    if row_scale.shape != (out,):
+        raise ValueError(f"expected row_scale of shape ({out},) rather than {tuple(row_scale.shape)}")
+    _check_devices(x, *codes, row_scale)
+    codes = [c.contiguous() for c in codes]
+    row_scale = row_scale.to(torch.float32).contiguous()
+    # kernels read tables in x's dtype; the CPU reference keeps them in float32
+    table_dtype = x.dtype if x.device.type == "cuda" else torch.float32
+    table = tables.table(table_dtype, x.device)
+    return codes, table, row_scale
+
+
+def matmul(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor) -> Tensor:
+    """Fused GLQ matmul: y = x · W̃ᵀ, decoding W̃ from its codes on the fly (never materialised on
+    CUDA). Equivalent to ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32
+    accumulation.
+
+    Args:
+        x: (..., in) float16 or bfloat16 (any float dtype on the CPU).
+        codes: one tensor per stage, (out, in/8): int16 for 16-bit stages, uint8 for 8-bit ones.
+        tables: from :func:`pack_tables`.
+        row_scale: (out,) float32.
+
+    Returns:
+        (..., out) in x's dtype.
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, shapes, or devices (messages give the values).
+    """
+    codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = ops.matmul_op(x2, codes, table, row_scale, list(tables.bits), float(tables.gain))
+    return y.reshape(*lead, codes[0].shape[0])
+
+
+def dequantize(codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor) -> Tensor:
+    """Dense W̃ (out, in) float32 from stage codes (the reference decode; for checks and export).
+
+    Args:
+        codes: per stage (out, in/8), int16 / uint8.
+        tables: from :func:`pack_tables`.
+        row_scale: (out,) float32.
+    """
+    _check_codes(codes, tables, codes[0].shape[1] * 8)
+    return dequantize_reference(list(codes), tables.values.to(codes[0].device), row_scale, tables.bits, tables.gain)
+
+
+def default_blocks(n: int) -> tuple[int, ...]:
+    """Block-diagonal split of ``n`` into powers of two, largest first (576 -> (512, 64),
+    14336 -> (8192, 4096, 2048)): the binary expansion of n."""
+    if n < 1:
+        raise ValueError(f"expected a positive size rather than {n}")
+    return tuple(1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1)
+
+
+def _check_blocks(n: int, block_sizes: Sequence[int] | None) -> list[int]:
+    blocks = list(default_blocks(n) if block_sizes is None else block_sizes)
+    for b in blocks:
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"Hadamard block sizes must be powers of two, got {b} in {blocks}")
+        if b > MAX_HADAMARD_BLOCK:
+            raise ValueError(f"Hadamard block {b} exceeds the largest supported {MAX_HADAMARD_BLOCK}")
+    if sum(blocks) != n:
+        raise ValueError(f"Hadamard blocks {blocks} sum to {sum(blocks)}, not the last dim {n}")
+    if len(blocks) > 16:
+        raise ValueError(f"at most 16 Hadamard blocks, got {len(blocks)}")
+    return blocks
+
+
+def _check_signs(s: Tensor | None, n: int, x: Tensor) -> Tensor | None:
+    if s is None:
+        return None
+    if s.shape != (n,):
+        raise ValueError(f"expected signs of shape ({n},) rather than {tuple(s.shape)}")
+    _check_devices(x, s)
+    return s.to(torch.float32).contiguous()
+
+
+def hadamard(
+    x: Tensor,
+    block_sizes: Sequence[int] | None = None,
+    signs: Tensor | None = None,
+    out_signs: Tensor | None = None,
+) -> Tensor:
+    """Orthonormal block-diagonal fast Walsh-Hadamard transform along the last dim:
+    z = out_signs ⊙ H (signs ⊙ x), H = blockdiag(H_b / sqrt(b)) with Sylvester blocks H_b.
+    Equivalent to ``F.linear(signs * x, H) * out_signs``; H is symmetric and orthogonal, so
+    ``hadamard(hadamard(x, b, s), b, out_signs=s) == x`` up to rounding.
+
+    Args:
+        x: (..., N) float16, bfloat16 or float32.
+        block_sizes: powers of two (each <= 32768) summing to N; default: N's binary expansion
+            (576 -> (512, 64)).
+        signs: optional (N,) ±1 applied before the transform (pass float32 to avoid a cast).
+        out_signs: optional (N,) ±1 applied after.
+
+    Returns:
+        (..., N) in x's dtype (computed in float32).
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"expected x float16, bfloat16 or float32 rather than {x.dtype}")
+    n = x.shape[-1]
+    blocks = _check_blocks(n, block_sizes)
+    signs = _check_signs(signs, n, x)
+    out_signs = _check_signs(out_signs, n, x)
+    x2 = x.reshape(-1, n)
+    return ops.hadamard_op(x2, blocks, signs, out_signs).reshape(x.shape)
+
+
+def glq_linear(
+    x: Tensor,
+    codes: Sequence[Tensor],
+    tables: PackedTables,
+    row_scale: Tensor,
+    in_signs: Tensor | None = None,
+    out_signs: Tensor | None = None,
+    in_blocks: Sequence[int] | None = None,
+    out_blocks: Sequence[int] | None = None,
+) -> Tensor:
+    """The GLQ linear layer: y = out_signs ⊙ H_out(W̃ · H_in(in_signs ⊙ x)).
+
+    Args:
+        x: (..., in) float16 or bfloat16 (any float dtype on the CPU).
+        codes, tables, row_scale: as for :func:`matmul`.
+        in_signs: optional (in,) ±1; out_signs: optional (out,) ±1.
+        in_blocks / out_blocks: Hadamard blocks (default: binary expansion of the size).
+
+    Returns:
+        (..., out) in x's dtype.
+    """
+    codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
+    n_in, n_out = x.shape[-1], codes[0].shape[0]
+    ib = _check_blocks(n_in, in_blocks)
+    ob = _check_blocks(n_out, out_blocks)
+    in_signs = _check_signs(in_signs, n_in, x)
+    out_signs = _check_signs(out_signs, n_out, x)
+    lead = x.shape[:-1]
+    y = ops.linear_op(
+        x.reshape(-1, n_in),
+        codes,
+        table,
+        row_scale,
+        list(tables.bits),
+        float(tables.gain),
+        ib,
+        in_signs,
+        ob,
+        out_signs,
+    )
+    return y.reshape(*lead, n_out)
+
+
+def glq_linear_reference(
+    x: Tensor,
+    codes: Sequence[Tensor],
+    tables: PackedTables,
+    row_scale: Tensor,
+    in_signs: Tensor | None = None,
+    out_signs: Tensor | None = None,
+    in_blocks: Sequence[int] | None = None,
+    out_blocks: Sequence[int] | None = None,
+) -> Tensor:
+    """Float32 oracle of :func:`glq_linear` (dense Sylvester matrices, dense W̃)."""
+    from .fwht.reference import hadamard_reference
+
+    n_in, n_out = x.shape[-1], codes[0].shape[0]
+    u = hadamard_reference(x.to(torch.float32), _check_blocks(n_in, in_blocks), in_signs)
+    w = dequantize(codes, tables, row_scale)
+    v = torch.nn.functional.linear(u, w)
+    return hadamard_reference(v, _check_blocks(n_out, out_blocks), None, out_signs)
+
+
+__all__ = [
+    "RATE_STAGES",
+    "default_blocks",
+    "dequantize",
+    "glq_linear",
+    "glq_linear_reference",
+    "hadamard",
+    "matmul",
+]

@@ -1,0 +1,235 @@
+# ruff: noqa: B023 -- every lambda here is timed inside the loop iteration that defines it.
+"""Build, check and time every GLQ kernel variant in one run; print and write a Markdown table.
+
+    python -m glq.kernels.benchmark [--out results.md] [--quick]
+
+Timing: each measurement captures a CUDA graph of calls cycling through enough weight copies
+that the working set exceeds twice the L2 (no call finds its weights cached), replays it after
+warm-up, and reports the median per-call time over many replays. bf16 cuBLAS ``F.linear`` on the
+same shapes runs in the same process as the baseline. Achieved bandwidth counts the bytes a call
+must move (codes, activations in and out, row scales) over its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from glq.kernels import dequantize, glq_linear, matmul
+from glq.kernels.testing import exact_matmul, lowp_reference_error, random_layer, rel_error
+
+SHAPES = [  # (out, in)
+    (4096, 14336),
+    (14336, 4096),
+    (4096, 4096),
+    (1024, 4096),
+    (2560, 960),
+    (576, 576),
+    (192, 576),
+    (1536, 576),
+    (576, 1536),
+]
+
+
+def _l2_bytes() -> int:
+    return torch.cuda.get_device_properties(0).L2_cache_size
+
+
+def time_graph(make_call, n_sets: int, replays: int = 30, inner: int = 1) -> float:
+    """Median seconds per call of a graph of ``n_sets * inner`` calls (call i uses set i)."""
+    torch.cuda.synchronize()
+    for i in range(n_sets):  # warm-up (allocations, first-use builds) outside the capture
+        make_call(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            for i in range(n_sets):
+                make_call(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / (n_sets * inner))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 28  # 1 GiB of float32
+    a = torch.empty(n, device="cuda")
+    b = torch.empty_like(a)
+    t = time_graph(lambda i: b.copy_(a), 1, replays=10, inner=5)
+    return 2 * a.numel() * 4 / t
+
+
+def n_sets_for(bytes_per_set: int) -> int:
+    return int(min(64, max(2, math.ceil(3 * _l2_bytes() / max(bytes_per_set, 1)))))
+
+
+def bench_bf16(out_f: int, in_f: int, batch: int) -> float:
+    nbytes = out_f * in_f * 2
+    n = n_sets_for(nbytes)
+    ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
+    x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+    return time_graph(lambda i: F.linear(x, ws[i]), n)
+
+
+def glq_bytes(rate: int, out_f: int, in_f: int, batch: int) -> int:
+    return out_f * in_f * rate // 8 + batch * (in_f + out_f) * 2 + out_f * 4
+
+
+def make_sets(rate, out_f, in_f, batch):
+    n = n_sets_for(out_f * in_f * rate // 8)
+    layers = [random_layer(rate, out_f, in_f, seed=s, device="cuda") for s in range(n)]
+    tables = layers[0][1]  # shared tables: kernels read them from shared memory anyway
+    return n, layers, tables
+
+
+def run(quick: bool, smoke: bool = False) -> list[str]:
+    dev = torch.cuda.get_device_name(0)
+    import triton
+
+    from glq.kernels._build import load_extension
+
+    t0 = time.time()
+    ok, why = load_extension()
+    build_s = time.time() - t0
+    if not ok:
+        raise SystemExit(f"CUDA C backend unavailable: {why}")
+    lines = [
+        f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"CUDA {torch.version.cuda}; extension build/load {build_s:.1f} s",
+    ]
+    bw = copy_bandwidth()
+    lines.append(f"copy bandwidth (read+write): {bw / 1e12:.2f} TB/s; L2 {_l2_bytes() >> 20} MiB")
+    print("\n".join(lines), flush=True)
+
+    rows = [
+        "| out x in | batch | rate | glq us | bf16 us | speed-up | glq TB/s | % of copy | err/ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    configs = []
+    rates = [2, 3, 4, 8] if quick else list(range(2, 9))
+    shapes = [*SHAPES[:3], (576, 1536)] if smoke else SHAPES
+    for out_f, in_f in shapes:
+        for rate in [2, 3, 4] if smoke else rates:
+            configs.append((out_f, in_f, 1, rate))
+    for out_f, in_f in SHAPES[:1] if smoke else SHAPES[:3]:
+        for rate in (2, 4):
+            configs.append((out_f, in_f, 16, rate))
+            configs.append((out_f, in_f, 64, rate))
+    bf16_cache = {}
+    for out_f, in_f, batch, rate in configs:
+        key = (out_f, in_f, batch)
+        if key not in bf16_cache:
+            bf16_cache[key] = bench_bf16(out_f, in_f, batch)
+        tb = bf16_cache[key]
+        n, layers, tables = make_sets(rate, out_f, in_f, batch)
+        x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+        c0, _, r0 = layers[0]
+        w = dequantize(c0, tables, r0)
+        exact = exact_matmul(x, w)
+        err = rel_error(matmul(x, c0, tables, r0), exact) / lowp_reference_error(x, w, exact)
+        w = exact = None
+        t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+        nb = glq_bytes(rate, out_f, in_f, batch)
+        rows.append(
+            f"| {out_f}x{in_f} | {batch} | {rate} | {t * 1e6:.1f} | {tb * 1e6:.1f} | "
+            f"{tb / t:.2f}x | {nb / t / 1e12:.2f} | {100 * nb / t / bw:.0f}% | {err:.2f} |"
+        )
+        print(rows[-1], flush=True)
+        layers = None  # free the weight copies before the next shape
+        torch.cuda.empty_cache()
+
+    # the full GLQ linear (both FHTs), batch 1 and 16, fp16
+    lin = [
+        "| out x in | batch | rate | glq_linear us | matmul only us | bf16 us | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for out_f, in_f in SHAPES[:1] if smoke else [*SHAPES[:3], (576, 1536)]:
+        for batch in (1, 16):
+            rate = 2
+            n, layers, tables = make_sets(rate, out_f, in_f, batch)
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+            s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
+            s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
+            tl_ = time_graph(
+                lambda i: glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out),
+                n,
+            )
+            tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+            tb = bf16_cache.get((out_f, in_f, batch)) or bench_bf16(out_f, in_f, batch)
+            lin.append(
+                f"| {out_f}x{in_f} | {batch} | {rate} | {tl_ * 1e6:.1f} | {tm * 1e6:.1f} | "
+                f"{tb * 1e6:.1f} | {tb / tl_:.2f}x |"
+            )
+            print(lin[-1], flush=True)
+            layers = None  # free the weight copies before the next shape
+
+    # variants: table copies and split-K, rate 2 and 4, batch 1
+    var = ["| out x in | rate | rep | ksplit | us |", "|---|---|---|---|---|"]
+    for out_f, in_f in [] if smoke else SHAPES[:3]:
+        for rate in (2, 4):
+            n, layers, tables = make_sets(rate, out_f, in_f, 1)
+            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
+            tab = tables.table(x.dtype, x.device)
+            for rep in (8, 2):
+                for ks in (0, 4, 8, 16):
+                    try:
+                        t = time_graph(
+                            lambda i, rep=rep, ks=ks: torch.ops.glq_cuda.matmul(
+                                x,
+                                layers[i][0],
+                                tab,
+                                layers[i][2],
+                                rate,
+                                tables.gain,
+                                rep,
+                                ks,
+                            ),
+                            n,
+                            replays=10,
+                        )
+                    except RuntimeError as e:
+                        var.append(f"| {out_f}x{in_f} | {rate} | {rep} | {ks} | failed: {e} |")
+                        continue
+                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, rep, ks, 0)
+                    var.append(
+                        f"| {out_f}x{in_f} | {rate} | {rep} | {ks}->{plan[2]} (grid {plan[3]}) | {t * 1e6:.1f} |"
+                    )
+            layers = None  # free the weight copies before the next shape
+    print("\n".join(var), flush=True)
+    return [*lines, "", *rows, "", *lin, "", *var]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None, help="write the Markdown tables here")
+    ap.add_argument("--quick", action="store_true", help="rates 2, 3, 4, 8 only")
+    ap.add_argument("--smoke", action="store_true", help="a few shapes, no variant sweep")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = run(args.quick, args.smoke)
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,659 @@
+// GLQ CUDA kernels: fused decode + matmul straight from stage codes, and the block-diagonal fast
+// Walsh-Hadamard transform. Torch-free on purpose (raw pointers, cudaStream_t): see glq_kernels.h.
+//
+// Matmul design (one kernel for every batch 1..64, every rate 2..8):
+// * Each warp owns 16*R rows of W and walks its K range in chunks of 32 code groups (256 inputs).
+//   Lane (g = lane/4, t = lane%4) loads one 16-byte vector per 16-bit stage for rows g and g+8:
+//   8 consecutive codes, groups 8t..8t+7 of the chunk (4 lanes cover 64 contiguous bytes of a row).
+// * Codes are decoded in registers through tables in shared memory and fed to mma.m16n8k16 as
+//   the A operand. The MMA's k order is free as long as A and B agree, so lane t's group 8t+i
+//   supplies logical k {2t,2t+1,2t+8,2t+9} of two MMAs (elements 0..3 and 4..7). The batch is the
+//   MMA's n (8 columns per n-tile), so batch 1..8 costs one MMA per 16x16 weights and fp32
+//   accumulation comes from the tensor cores instead of 8 FFMA + 8 converts per code.
+// * Table lookups are 16-byte random reads, the hot spot: 2 bytes of shared-memory traffic per
+//   weight against 0.25 from DRAM at 2 bpw. Shared memory serves a 16-byte load in quarter-warp
+//   phases of 8 lanes over 8 bank quads; random entries collide (about 2.5 wavefronts instead of 1
+//   for 8 random picks). With REP = 8 copies, lane l reads copy l%8, laid out so that copy c
+//   lives only in bank quad c: every phase is conflict-free. Fewer copies trade conflicts for
+//   shared memory (rates >= 5 do not fit 8 copies).
+// * Split-K for small M: partial sums go to a workspace, and the last CTA of each row block
+//   (integer counter) adds them in split order, so results are bit-identical run to run. No
+//   float atomics anywhere.
+// * Persistent CTAs: tables are copied into shared memory once per CTA, not once per tile.
+
+#include "glq_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace glq {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkGroups = 32;  // 8-input groups per warp iteration
+
+// ---------------------------------------------------------------------------------------------
+// small device helpers
+
+template <typename T>
+struct TypeOps;
+
+template <>
+struct TypeOps<__half> {
+  static __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+};
+
+template <>
+struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&a);
+    __nv_bfloat162 y = *reinterpret_cast<__nv_bfloat162*>(&b);
+    __nv_bfloat162 r = __hadd2(x, y);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+// Codes are read exactly once: keep them out of L1 so the x fragments stay there.
+__device__ __forceinline__ uint4 load_stream16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 load_stream8(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+  return v;
+}
+
+// Sign mask of code c's coordinates 2k, 2k+1 as the sign bits (15, 31) of a half2 word:
+// s = (c & 127) | parity(c & 127) << 7 holds all 8 sign bits (the table already carries
+// parity[pattern] in coordinate 7). s * (2^(15-2k) + 2^(30-2k)) puts bit 2k at 15 and bit 2k+1
+// at 31; the two shifted copies of s (10 bits wide) never overlap, so the product has no carries
+// into those positions.
+__device__ __forceinline__ uint4 apply_signs(uint4 v, uint32_t c) {
+  const uint32_t lo = c & 127u;
+  const uint32_t s = lo | (static_cast<uint32_t>(__popc(lo)) << 7);
+  v.x ^= (s * 0x40008000u) & 0x80008000u;
+  v.y ^= (s * 0x10002000u) & 0x80008000u;
+  v.z ^= (s * 0x04000800u) & 0x80008000u;
+  v.w ^= (s * 0x01000200u) & 0x80008000u;
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul kernel
+
+template <int N16, bool HAS8, int R>
+struct ChunkCodes {
+  uint4 c16[N16][R][2];  // [stage][row tile][rows g / g+8]: 8 codes each
+  uint2 c8[HAS8 ? R : 1][2];
+};
+
+// Out of line: edge tiles (rows past M, K not a multiple of 64) are rare, and inlining their
+// scalar loads would bloat the hot loop's code.
+template <int N16, bool HAS8, int R>
+__device__ __noinline__ ChunkCodes<N16, HAS8, R> load_chunk_slow(const MatmulParams p, int row0,
+                                                                  int j0, int G) {
+  ChunkCodes<N16, HAS8, R> cc;
+  const bool vec = (G % 8) == 0;
+#pragma unroll
+  for (int rt = 0; rt < R; ++rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + rt * 16 + h * 8;
+      const bool row_ok = r < p.M;
+      const bool full = row_ok && vec && j0 + 8 <= G;
+      const long long off = static_cast<long long>(r) * G + j0;
+#pragma unroll
+      for (int s = 0; s < N16; ++s) {
+        const uint16_t* src = static_cast<const uint16_t*>(p.codes[s]) + off;
+        if (full) {
+          cc.c16[s][rt][h] = load_stream16(src);
+        } else {
+          uint32_t w[4] = {0, 0, 0, 0};
+          if (row_ok) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              if (j0 + e < G) w[e / 2] |= static_cast<uint32_t>(src[e]) << (16 * (e & 1));
+            }
+          }
+          cc.c16[s][rt][h] = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+      if constexpr (HAS8) {
+        const uint8_t* src = static_cast<const uint8_t*>(p.codes[N16]) + off;
+        if (full) {
+          cc.c8[rt][h] = load_stream8(src);
+        } else {
+          uint32_t w[2] = {0, 0};
+          if (row_ok) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              if (j0 + e < G) w[e / 4] |= static_cast<uint32_t>(src[e]) << (8 * (e & 3));
+            }
+          }
+          cc.c8[rt][h] = make_uint2(w[0], w[1]);
+        }
+      }
+    }
+  }
+  return cc;
+}
+
+
+template <int N16, bool HAS8, int R>
+__device__ __forceinline__ void load_chunk(ChunkCodes<N16, HAS8, R>& cc, const MatmulParams& p,
+                                           int row0, int j0, int G, bool vec) {
+  if (!(vec && j0 + 8 <= G && row0 + (R - 1) * 16 + 8 < p.M)) {
+    cc = load_chunk_slow<N16, HAS8, R>(p, row0, j0, G);
+    return;
+  }
+#pragma unroll
+  for (int rt = 0; rt < R; ++rt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const long long off = static_cast<long long>(row0 + rt * 16 + h * 8) * G + j0;
+#pragma unroll
+      for (int s = 0; s < N16; ++s)
+        cc.c16[s][rt][h] = load_stream16(static_cast<const uint16_t*>(p.codes[s]) + off);
+      if constexpr (HAS8) cc.c8[rt][h] = load_stream8(static_cast<const uint8_t*>(p.codes[N16]) + off);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Decoded weights (4 words of 2 fp16/bf16) of code i (0..7) of one row's chunk vector.
+template <typename T, int N16, bool HAS8, int R>
+__device__ __forceinline__ uint4 decode(const ChunkCodes<N16, HAS8, R>& cc, int rt, int h, int i,
+                                        const uint4* __restrict__ tab, int shift, int stage_slots) {
+  uint4 acc = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int s = 0; s < N16; ++s) {
+    const uint32_t w = word_of(cc.c16[s][rt][h], i >> 1);
+    const uint32_t c = (i & 1) ? (w >> 16) : (w & 0xFFFFu);
+    // (c >> 7) is the pattern; entries are REP*16 bytes apart, i.e. (c & 0xFF80) >> (3 - log2 REP)
+    const uint4* e = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(tab + s * stage_slots) +
+                                                    ((c & 0xFF80u) >> shift));
+    uint4 v = apply_signs(*e, c);
+    if (s == 0) {
+      acc = v;
+    } else {
+      acc.x = TypeOps<T>::add2(acc.x, v.x);
+      acc.y = TypeOps<T>::add2(acc.y, v.y);
+      acc.z = TypeOps<T>::add2(acc.z, v.z);
+      acc.w = TypeOps<T>::add2(acc.w, v.w);
+    }
+  }
+  if constexpr (HAS8) {
+    const uint32_t w = (i < 4) ? cc.c8[rt][h].x : cc.c8[rt][h].y;
+    const uint32_t c = (w >> (8 * (i & 3))) & 0xFFu;
+    const uint4* e = reinterpret_cast<const uint4*>(
+        reinterpret_cast<const char*>(tab + N16 * stage_slots) + ((c << 7) >> shift));
+    const uint4 v = *e;
+    acc.x = TypeOps<T>::add2(acc.x, v.x);
+    acc.y = TypeOps<T>::add2(acc.y, v.y);
+    acc.z = TypeOps<T>::add2(acc.z, v.z);
+    acc.w = TypeOps<T>::add2(acc.w, v.w);
+  }
+  return acc;
+}
+
+// Tables into shared memory: entry e (stage-major) goes to slots e*REP .. e*REP+REP-1. All of a
+// thread's global loads are issued before its stores, so the fill costs one L2 round trip.
+template <int N16, bool HAS8>
+__device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict__ tg,
+                                            int rep_log2) {
+  constexpr int entries = N16 * 512 + (HAS8 ? 256 : 0);
+  constexpr int per_thread = (entries + kThreads - 1) / kThreads;
+  uint4 v[per_thread];
+#pragma unroll
+  for (int k = 0; k < per_thread; ++k) {
+    const int e = threadIdx.x + k * kThreads;
+    if (e < entries) v[k] = tg[e];
+  }
+  const int rep = 1 << rep_log2;
+#pragma unroll
+  for (int k = 0; k < per_thread; ++k) {
+    const int e = threadIdx.x + k * kThreads;
+    if (e < entries)
+      for (int r = 0; r < rep; ++r) smem[(e << rep_log2) + r] = v[k];
+  }
+}
+
+// Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, NT n-tiles of 8 batch
+// rows, R row tiles (16 rows) per warp, PF chunks of codes prefetched ahead in registers.
+template <typename T, int N16, bool HAS8, int NT, int R, int PF>
+__global__ void __launch_bounds__(kThreads, 2)
+    glq_matmul_kernel(const MatmulParams p, const int row_blocks, const int ksplit,
+                      const int rep_log2) {
+  extern __shared__ uint4 smem[];  // tables: stage-major, entry-major, REP copies per entry
+  __shared__ int s_last;
+  const int G = p.K / 8;
+  const int rep = 1 << rep_log2;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  // lane's table copy, at 16-byte slot offset (lane % REP); entry stride is REP slots, so with
+  // REP = 8 every entry of copy c sits in bank quad c.
+  const uint4* tab = smem + (lane & (rep - 1));
+  const int shift = 3 - rep_log2;
+  const int stage_slots = 512 << rep_log2;
+  bool tables_ready = false;
+  const int rows_per_cta = kWarps * 16 * R;
+  const int n_chunks = (G + kChunkGroups - 1) / kChunkGroups;
+  const int chunks_per_split = (n_chunks + ksplit - 1) / ksplit;
+  const bool vec = (G % 8) == 0;
+  const int n_tiles = (p.B + 7) / 8;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int n_items = row_blocks * ksplit;
+
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int rb = item % row_blocks;
+    const int ks = item / row_blocks;
+    const int warp_row0 = rb * rows_per_cta + warp * 16 * R;
+    const int row0 = warp_row0 + g;  // row of (rt 0, h 0) for this lane
+    const int c_begin = ks * chunks_per_split;
+    const int c_end = min(n_chunks, c_begin + chunks_per_split);
+
+    float acc[R][NT][4];
+#pragma unroll
+    for (int rt = 0; rt < R; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.f;
+
+    ChunkCodes<N16, HAS8, R> buf[PF + 1];
+#pragma unroll
+    for (int b = 0; b < PF; ++b) {
+      if (c_begin + b < c_end)
+        load_chunk(buf[b], p, row0, (c_begin + b) * kChunkGroups + 8 * t, G, vec);
+    }
+
+    if (!tables_ready) {
+      fill_tables<N16, HAS8>(smem, static_cast<const uint4*>(p.tables), rep_log2);
+      __syncthreads();
+      tables_ready = true;
+    }
+
+    // One chunk of prefetch, rotated by register copies: the copy at the end of a chunk waits
+    // for the load issued at its start, so one chunk of decode work covers the latency.
+    // (Measured, H100: unrolling a 3-deep ring to avoid those waits tripled the loop's code
+    // and ran 25-30% slower; see notes/kernels.md.)
+    {
+      for (int c = c_begin; c < c_end; ++c) {
+        {
+          if (c + PF < c_end) load_chunk(buf[PF], p, row0, (c + PF) * kChunkGroups + 8 * t, G, vec);
+          const ChunkCodes<N16, HAS8, R>& cur = buf[0];
+          const int j0 = c * kChunkGroups + 8 * t;
+          // x fragments: lane (g, t) needs batch row nt*8+g, group j0+i. Loads are unconditional
+          // (clamped addresses) so the compiler can issue them all before the first MMA; rows
+          // past B only feed output columns that are never stored, groups past G must be zero
+          // because their (padding) codes still decode to table entries.
+          constexpr int XI = NT == 1 ? 8 : 1;  // fragments held at once: the chunk's, or one i's
+          uint4 xall[XI][NT];
+          auto load_x = [&](int i, uint4 (&dst)[NT]) {
+            const int j = j0 + i;
+            const int jc = min(j, G - 1);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const int bc = min(nt * 8 + g, p.B - 1);
+              uint4 v = __ldg(reinterpret_cast<const uint4*>(x + bc * p.x_stride + 8LL * jc));
+              if (j >= G) v = make_uint4(0, 0, 0, 0);
+              dst[nt] = v;
+            }
+          };
+          if constexpr (NT == 1) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) load_x(i, xall[i]);
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            uint4 xf[NT];
+            if constexpr (NT == 1) {
+              xf[0] = xall[i][0];
+            } else {
+              load_x(i, xf);
+            }
+#pragma unroll
+            for (int rt = 0; rt < R; ++rt) {
+              const uint4 wa = decode<T>(cur, rt, 0, i, tab, shift, stage_slots);  // row g
+              const uint4 wb = decode<T>(cur, rt, 1, i, tab, shift, stage_slots);  // row g + 8
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) {
+                if (nt < n_tiles) {
+                  TypeOps<T>::mma(acc[rt][nt], wa.x, wb.x, wa.y, wb.y, xf[nt].x, xf[nt].y);
+                  TypeOps<T>::mma(acc[rt][nt], wa.z, wb.z, wa.w, wb.w, xf[nt].z, xf[nt].w);
+                }
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int b = 0; b < PF; ++b) buf[b] = buf[b + 1];
+      }
+    }
+
+    // Epilogue. acc[rt][nt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, 2t+1)
+    if (ksplit == 1) {
+#pragma unroll
+      for (int rt = 0; rt < R; ++rt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int r = row0 + rt * 16 + (q >> 1) * 8;
+            const int b = nt * 8 + 2 * t + (q & 1);
+            if (r < p.M && b < p.B)
+              y[b * p.y_stride + r] = TypeOps<T>::from_float(acc[rt][nt][q] * p.row_scale[r] * p.gain);
+          }
+    } else {
+#pragma unroll
+      for (int rt = 0; rt < R; ++rt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int r = row0 + rt * 16 + (q >> 1) * 8;
+            const int b = nt * 8 + 2 * t + (q & 1);
+            if (r < p.M && b < p.B)
+              p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = acc[rt][nt][q];
+          }
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        const int rbase = rb * rows_per_cta;
+        for (int idx = threadIdx.x; idx < rows_per_cta * p.B; idx += kThreads) {
+          const int r = rbase + idx % rows_per_cta;
+          const int b = idx / rows_per_cta;
+          if (r >= p.M) continue;
+          float sum = 0.f;
+#pragma unroll 4
+          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
+            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b) * p.M + r]);
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        }
+        if (threadIdx.x == 0) p.counters[rb] = 0;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel selection
+
+struct KernelInfo {
+  const void* fn;
+  int R;
+};
+
+template <typename T, int N16, bool HAS8, int NT>
+KernelInfo pick_r() {
+  // Two row tiles per warp halve the x-fragment loads per code, but only fit the register budget
+  // with one stage and one n-tile.
+  constexpr bool two = (N16 == 1 && !HAS8 && NT <= 2);
+  constexpr int R = two ? 2 : 1;
+  constexpr int regs_per_chunk = R * 2 * (N16 * 4 + (HAS8 ? 2 : 0));
+  constexpr int PF = 1;
+  static_assert(regs_per_chunk <= 64, "codes of one chunk must fit in registers");
+  return {reinterpret_cast<const void*>(&glq_matmul_kernel<T, N16, HAS8, NT, R, PF>), R};
+}
+
+template <typename T, int N16, bool HAS8>
+KernelInfo pick_nt(int B) {
+  if (B <= 8) return pick_r<T, N16, HAS8, 1>();
+  if (B <= 16) return pick_r<T, N16, HAS8, 2>();
+  return pick_r<T, N16, HAS8, 8>();
+}
+
+template <typename T>
+KernelInfo pick_rate(int rate, int B) {
+  switch (rate) {
+    case 2: return pick_nt<T, 1, false>(B);
+    case 3: return pick_nt<T, 1, true>(B);
+    case 4: return pick_nt<T, 2, false>(B);
+    case 5: return pick_nt<T, 2, true>(B);
+    case 6: return pick_nt<T, 3, false>(B);
+    case 7: return pick_nt<T, 3, true>(B);
+    case 8: return pick_nt<T, 4, false>(B);
+    default: return {nullptr, 0};
+  }
+}
+
+KernelInfo pick_kernel(int rate, int dtype, int B) {
+  if (B < 1 || B > 64) return {nullptr, 0};
+  return dtype == kFloat16 ? pick_rate<__half>(rate, B) : pick_rate<__nv_bfloat16>(rate, B);
+}
+
+int table_entries(int rate) { return (rate / 2) * 512 + (rate % 2) * 256; }
+
+}  // namespace
+
+int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
+                MatmulPlan* plan) {
+  const KernelInfo k = pick_kernel(rate, dtype, B);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  int sms = 0, smem_optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const int entries = table_entries(rate);
+  if (rep <= 0) {
+    // 8 copies make lookups conflict-free, but two CTAs (16 warps) per SM matter more for
+    // hiding latency: keep the tables under 100 KiB.
+    rep = 8;
+    while (rep > 1 && entries * 16 * rep > 100 * 1024) rep /= 2;
+  }
+  if (rep != 1 && rep != 2 && rep != 4 && rep != 8) return cudaErrorInvalidValue;
+  const int smem = entries * 16 * rep;
+  if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  per_sm = std::max(per_sm, 1);
+  const int slots = per_sm * sms;
+  const int rows_per_cta = kWarps * 16 * k.R;
+  const int row_blocks = (M + rows_per_cta - 1) / rows_per_cta;
+  const int G = K / 8;
+  const int n_chunks = std::max(1, (G + kChunkGroups - 1) / kChunkGroups);
+  if (ksplit <= 0) {
+    // Fewest rounds of chunks per CTA; each extra split costs a workspace pass, so prefer the
+    // smallest split that reaches the best round count.
+    double best = 1e30;
+    ksplit = 1;
+    for (int s = 1; s <= std::min(n_chunks, 64); ++s) {
+      const int cps = (n_chunks + s - 1) / s;
+      const int s_eff = (n_chunks + cps - 1) / cps;
+      if (s_eff != s) continue;
+      const int items = row_blocks * s;
+      const int waves = (items + slots - 1) / slots;
+      const double cost = waves * (cps + 1.0) + (s > 1 ? 0.25 + 0.02 * s * B : 0.0);
+      if (cost < best - 1e-9) {
+        best = cost;
+        ksplit = s;
+      }
+    }
+  }
+  ksplit = std::min(ksplit, n_chunks);
+  {
+    const int cps = (n_chunks + ksplit - 1) / ksplit;
+    ksplit = (n_chunks + cps - 1) / cps;
+  }
+  plan->rows_per_cta = rows_per_cta;
+  plan->row_blocks = row_blocks;
+  plan->ksplit = ksplit;
+  plan->grid = std::min(row_blocks * ksplit, slots);
+  plan->rep = rep;
+  plan->smem_bytes = smem;
+  return cudaSuccess;
+}
+
+int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
+  const KernelInfo k = pick_kernel(p.rate, p.dtype, p.B);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  int rep_log2 = 0;
+  while ((1 << rep_log2) < plan.rep) ++rep_log2;
+  void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
+                  const_cast<int*>(&plan.ksplit), &rep_log2};
+  cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
+                                     static_cast<size_t>(plan.smem_bytes), stream);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// block-diagonal fast Walsh-Hadamard transform: one CTA per (row, power-of-two segment).
+// The first three butterfly levels run in registers on 8 contiguous values per thread, the rest
+// in shared memory (fp32 throughout).
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float load_as_float(const T* p) {
+  return static_cast<float>(*p);
+}
+template <>
+__device__ __forceinline__ float load_as_float<__half>(const __half* p) { return __half2float(*p); }
+template <>
+__device__ __forceinline__ float load_as_float<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+template <typename T>
+__device__ __forceinline__ T store_from_float(float v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half store_from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+constexpr int kFwhtThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams p) {
+  extern __shared__ float buf[];
+  const int row = blockIdx.x;
+  const int seg = blockIdx.y;
+  const int start = p.seg_start[seg];
+  const int lg = p.seg_log2[seg];
+  const int n = 1 << lg;
+  const T* x = static_cast<const T*>(p.x) + row * p.x_stride + start;
+  T* z = static_cast<T*>(p.z) + row * p.z_stride + start;
+  const float* sg = p.signs ? p.signs + start : nullptr;
+  const float* so = p.out_signs ? p.out_signs + start : nullptr;
+
+  int h0 = 1;
+  if (n >= 8) {
+    for (int q = threadIdx.x; q < n / 8; q += kFwhtThreads) {
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        v[e] = load_as_float(x + 8 * q + e);
+        if (sg) v[e] *= sg[8 * q + e];
+      }
+#pragma unroll
+      for (int h = 1; h < 8; h *= 2)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if ((e & h) == 0) {
+            const float a = v[e], b = v[e + h];
+            v[e] = a + b;
+            v[e + h] = a - b;
+          }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) buf[8 * q + e] = v[e];
+    }
+    h0 = 8;
+  } else {
+    for (int i = threadIdx.x; i < n; i += kFwhtThreads)
+      buf[i] = load_as_float(x + i) * (sg ? sg[i] : 1.f);
+  }
+  __syncthreads();
+  for (int h = h0, lh = (h0 == 8 ? 3 : 0); h < n; h *= 2, ++lh) {
+    for (int q = threadIdx.x; q < n / 2; q += kFwhtThreads) {
+      const int i = ((q >> lh) << (lh + 1)) | (q & (h - 1));
+      const float a = buf[i], b = buf[i + h];
+      buf[i] = a + b;
+      buf[i + h] = a - b;
+    }
+    __syncthreads();
+  }
+  const float scale = rsqrtf(static_cast<float>(n));
+  for (int i = threadIdx.x; i < n; i += kFwhtThreads) {
+    float v = buf[i] * scale;
+    if (so) v *= so[i];
+    z[i] = store_from_float<T>(v);
+  }
+}
+
+}  // namespace
+
+int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
+  if (p.nseg < 1 || p.nseg > kMaxHadamardSegments || p.rows < 1) return cudaErrorInvalidValue;
+  int max_log = 0;
+  for (int s = 0; s < p.nseg; ++s) {
+    if (p.seg_log2[s] < 0 || p.seg_log2[s] > kMaxHadamardLog2) return cudaErrorInvalidValue;
+    max_log = std::max(max_log, p.seg_log2[s]);
+  }
+  const int smem = static_cast<int>(sizeof(float)) << max_log;
+  const void* fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half>)
+                   : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16>)
+                                          : reinterpret_cast<const void*>(&fwht_kernel<float>);
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  void* args[] = {const_cast<HadamardParams*>(&p)};
+  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(kFwhtThreads), args,
+                         static_cast<size_t>(smem), stream);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace glq

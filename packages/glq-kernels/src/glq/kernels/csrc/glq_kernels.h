@@ -1,0 +1,63 @@
+// Torch-free interface of the GLQ CUDA kernels (raw pointers and a cudaStream_t), shared by
+// glq_kernels.cu and the torch binding. Keeping torch out of the .cu makes it compile in seconds.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace glq {
+
+constexpr int kMaxStages = 4;
+constexpr int kMaxHadamardSegments = 16;
+constexpr int kMaxHadamardLog2 = 15;  // 32768 floats = 128 KiB of shared memory
+
+enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
+struct MatmulPlan {
+  int rows_per_cta;  // rows of W one CTA handles per work item
+  int row_blocks;    // ceil(M / rows_per_cta)
+  int ksplit;        // K-splits (1: no workspace)
+  int grid;          // persistent CTAs
+  int rep;           // table copies in shared memory (1, 2, 4 or 8)
+  int smem_bytes;    // dynamic shared memory per CTA
+};
+
+struct MatmulParams {
+  // pointers
+  const void* x;                    // (B, K) fp16/bf16, row stride x_stride elements
+  const void* codes[kMaxStages];    // stage s: (M, K/8) int16 (16-bit) or uint8 (8-bit), contiguous
+  const void* tables;               // (S, 512, 8) in x's dtype, packed (see glq.kernels._tables)
+  const float* row_scale;           // (M,)
+  void* y;                          // (B, M) in x's dtype, row stride y_stride elements
+  float* workspace;                 // (ksplit, B, M) fp32 partial sums, if ksplit > 1
+  int* counters;                    // (row_blocks,) zero on entry, left zero on exit
+  // sizes
+  int B, M, K;
+  int rate;                         // bits per weight, 2..8
+  int dtype;                        // DType
+  // strides (elements)
+  long long x_stride, y_stride;
+  float gain;
+};
+
+struct HadamardParams {
+  const void* x;       // (rows, N) fp16/bf16/fp32 per dtype, row stride x_stride
+  void* z;             // (rows, N), row stride z_stride
+  const float* signs;      // (N,) or null: applied before the transform
+  const float* out_signs;  // (N,) or null: applied after the transform
+  int rows, N, dtype;  // dtype: DType, or 2 for float32
+  long long x_stride, z_stride;
+  int nseg;
+  int seg_start[kMaxHadamardSegments];
+  int seg_log2[kMaxHadamardSegments];
+};
+
+// All return a cudaError_t (cudaSuccess == 0).
+int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
+                MatmulPlan* plan);
+int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream);
+int hadamard_run(const HadamardParams& p, cudaStream_t stream);
+
+}  // namespace glq

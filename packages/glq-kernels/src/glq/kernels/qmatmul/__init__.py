@@ -1,0 +1,1 @@
+"""Fused decode-matmul: ``reference`` (plain PyTorch), ``triton``, and CUDA C in ``../csrc``."""

@@ -1,0 +1,297 @@
+"""CPU tests: references, packing, custom-op registration, backend choice, API errors, the Triton
+kernel under the interpreter (tiny shapes), and an nvcc compile check of the CUDA sources."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glq.kernels import (
+    default_blocks,
+    dequantize,
+    glq_linear,
+    glq_linear_reference,
+    hadamard,
+    matmul,
+    pack_tables,
+    select_backend,
+)
+from glq.kernels._tables import RATE_STAGES
+from glq.kernels.fwht.reference import hadamard_butterfly, hadamard_matrix, hadamard_reference
+from glq.kernels.testing import (
+    exact_matmul,
+    lowp_reference_error,
+    random_codes,
+    random_layer,
+    random_stages,
+    rel_error,
+)
+
+
+def _contract_decode(codes, stages, row_scale):
+    """Straight from the storage contract, one code at a time in float64 (independent of the
+    packing): the oracle for pack_tables + dequantize."""
+    out, groups = codes[0].shape
+    w = torch.zeros(out, groups, 8, dtype=torch.float64)
+    for c_s, st in zip(codes, stages, strict=True):
+        for r in range(out):
+            for j in range(groups):
+                c = int(c_s[r, j]) & (0xFFFF if st["bits"] == 16 else 0xFF)
+                if st["bits"] == 8:
+                    v = st["table"][c].double()
+                else:
+                    p, lo = c >> 7, c & 127
+                    v = st["abs"][p].double().clone()
+                    for k in range(7):
+                        if lo >> k & 1:
+                            v[k] = -v[k]
+                    if (bin(lo).count("1") + int(st["parity"][p])) % 2:
+                        v[7] = -v[7]
+                w[r, j] += st["scale"] * v
+    return w.reshape(out, groups * 8) * row_scale.double()[:, None]
+
+
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+def test_pack_and_dequantize_follow_the_contract(rate):
+    stages = random_stages(rate, seed=rate)
+    tables = pack_tables(stages)
+    assert tables.bits == RATE_STAGES[rate] and tables.rate == rate
+    codes = random_codes(rate, 5, 24, seed=rate)
+    row_scale = torch.rand(5) + 0.5
+    w = dequantize(codes, tables, row_scale)
+    ref = _contract_decode(codes, stages, row_scale)
+    assert w.dtype == torch.float32 and w.shape == (5, 24)
+    assert rel_error(w, ref) < 1e-6
+
+
+def test_pack_tables_accepts_objects_and_scales():
+    class Orbit:
+        bits = 16
+
+        def __init__(self, a, p):
+            self.abs, self.parity = a, p
+
+    st = random_stages(2)[0]
+    t1 = pack_tables([Orbit(st["abs"], st["parity"])], scales=[st["scale"]])
+    t2 = pack_tables([st])
+    assert torch.equal(t1.values, t2.values) and t1.gain == t2.gain
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ([{"bits": 8, "table": torch.zeros(256, 8)}], "no supported rate"),
+        ([{"bits": 16, "abs": -torch.ones(512, 8), "parity": torch.zeros(512)}], "non-negative"),
+        ([{"bits": 16, "abs": torch.ones(500, 8), "parity": torch.zeros(512)}], r"\(512, 8\)"),
+    ],
+)
+def test_pack_tables_errors(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        pack_tables(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rate", [2, 3, 8], ids=lambda r: f"r{r}")
+def test_matmul_cpu_matches_dense(rate, dtype):
+    codes, tables, row_scale = random_layer(rate, 24, 64, seed=1)
+    x = torch.randn(2, 3, 64).to(dtype)
+    y = matmul(x, codes, tables, row_scale)
+    assert y.shape == (2, 3, 24) and y.dtype == dtype
+    w = dequantize(codes, tables, row_scale)
+    exact = exact_matmul(x.reshape(-1, 64), w)
+    assert rel_error(y.reshape(-1, 24), exact) <= 2 * max(lowp_reference_error(x.reshape(-1, 64), w, exact), 1e-6)
+
+
+def test_api_errors_name_the_values():
+    codes, tables, row_scale = random_layer(3, 16, 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="in_features=72"):
+        matmul(torch.randn(2, 72), codes, tables, row_scale)
+    with pytest.raises(TypeError, match=r"expected torch\.uint8"):
+        matmul(x, [codes[0], codes[1].to(torch.int16)], tables, row_scale)
+    with pytest.raises(ValueError, match="1 code tensors"):
+        matmul(x, codes[:1], tables, row_scale)
+    with pytest.raises(ValueError, match=r"row_scale of shape \(16,\)"):
+        matmul(x, codes, tables, row_scale[:8])
+    with pytest.raises(TypeError, match="pack_tables"):
+        matmul(x, codes, {"bits": 16}, row_scale)
+    with pytest.raises(ValueError, match="powers of two"):
+        hadamard(torch.randn(2, 96), (48, 48))
+    with pytest.raises(ValueError, match="sum to 64, not the last dim 96"):
+        hadamard(torch.randn(2, 96), (32, 32))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        hadamard(torch.randn(2, 8).double())
+
+
+def test_default_blocks():
+    assert default_blocks(576) == (512, 64)
+    assert default_blocks(960) == (512, 256, 128, 64)
+    assert default_blocks(1536) == (1024, 512)
+    assert default_blocks(2688) == (2048, 512, 128)
+    assert default_blocks(14336) == (8192, 4096, 2048)
+    assert default_blocks(4096) == (4096,)
+
+
+def test_hadamard_matrix_is_sylvester():
+    h = hadamard_matrix(8)
+    assert torch.equal(h, h.T) and torch.equal(h @ h, 8 * torch.eye(8))
+    assert torch.equal(
+        hadamard_matrix(4), torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1.0]])
+    )
+
+
+@pytest.mark.parametrize(
+    "n, blocks", [(8, None), (137 - 9, None), (576, None), (960, None), (96, (32, 64)), (1, None)], ids=str
+)
+def test_hadamard_reference_and_butterfly_agree(n, blocks):
+    blocks = default_blocks(n) if blocks is None else blocks
+    x = torch.randn(3, n)
+    s = torch.randint(0, 2, (n,)).float() * 2 - 1
+    so = torch.randint(0, 2, (n,)).float() * 2 - 1
+    ref = hadamard_reference(x.double(), blocks, s, so)
+    assert rel_error(hadamard_butterfly(x, blocks, s, so), ref) < 1e-6
+    assert rel_error(hadamard(x, blocks, s, so), ref) < 1e-6
+    # orthonormal and self-inverse: signs before, then the same signs after
+    back = hadamard(hadamard(x, blocks, signs=s), blocks, out_signs=s)
+    assert rel_error(back, x) < 1e-6
+    assert math.isclose(float(ref.norm()), float(x.double().norm()), rel_tol=1e-6)
+
+
+def test_hadamard_low_precision_within_twice_pytorch_error():
+    x = torch.randn(4, 960).half()
+    ref = hadamard_reference(x.double(), default_blocks(960))
+    z = hadamard(x)
+    assert z.dtype == torch.float16
+    assert rel_error(z, ref) <= 2 * rel_error(ref.half(), ref) + 1e-6
+
+
+def test_glq_linear_cpu():
+    codes, tables, row_scale = random_layer(2, 24, 96)
+    s_in = torch.randint(0, 2, (96,)).float() * 2 - 1
+    s_out = torch.randint(0, 2, (24,)).float() * 2 - 1
+    x = torch.randn(5, 96)
+    y = glq_linear(x, codes, tables, row_scale, s_in, s_out)
+    ref = glq_linear_reference(x, codes, tables, row_scale, s_in, s_out)
+    assert rel_error(y, ref) < 1e-5
+    # the same thing spelled out with dense matrices
+    h_in = torch.block_diag(*[hadamard_matrix(b) / math.sqrt(b) for b in (64, 32)])
+    h_out = hadamard_matrix(16)
+    h_out = torch.block_diag(h_out / 4, hadamard_matrix(8) / math.sqrt(8))
+    w = dequantize(codes, tables, row_scale)
+    dense = F.linear(F.linear(F.linear(x * s_in, h_in), w), h_out) * s_out
+    assert rel_error(y, dense) < 1e-5
+
+
+def test_custom_ops_pass_opcheck():
+    codes, tables, row_scale = random_layer(3, 16, 64)
+    x = torch.randn(3, 64)
+    table = tables.table(torch.float32, "cpu")
+    bits = list(tables.bits)
+    torch.library.opcheck(torch.ops.glq.matmul, (x, codes, table, row_scale, bits, tables.gain))
+    s = torch.randint(0, 2, (64,)).float() * 2 - 1
+    torch.library.opcheck(torch.ops.glq.hadamard, (x, [32, 32], s, None))
+    torch.library.opcheck(
+        torch.ops.glq.linear,
+        (x, codes, table, row_scale, bits, tables.gain, [64], s, [16], None),
+    )
+
+
+def test_ops_trace_with_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    codes, tables, row_scale = random_layer(2, 16, 64)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(torch.randn(3, 64))
+        fc = [mode.from_tensor(c) for c in codes]
+        ft = mode.from_tensor(tables.values)
+        fr = mode.from_tensor(row_scale)
+        y = torch.ops.glq.matmul(fx, fc, ft, fr, [16], 1.0)
+    assert y.shape == (3, 16)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("GLQ_KERNELS_BACKEND", raising=False)
+    assert select_backend("cpu") == "reference"
+    monkeypatch.setenv("GLQ_KERNELS_BACKEND", "reference")
+    assert select_backend("cpu") == "reference"
+    monkeypatch.setenv("GLQ_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="GLQ_KERNELS_BACKEND=cuda"):
+        select_backend("cpu")
+    monkeypatch.setenv("GLQ_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="expected one of"):
+        select_backend("cpu")
+
+
+def test_import_is_cheap_and_cuda_free():
+    code = (
+        "import sys, glq.kernels\n"
+        "assert 'torch' not in sys.modules, 'import glq.kernels imported torch'\n"
+        "from glq.kernels import matmul, hadamard, pack_tables\n"
+        "import torch\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+triton_interp = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernel under TRITON_INTERPRET=1 on CPU machines",
+)
+
+
+@triton_interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+def test_triton_interpreter_matches_reference(rate, dtype):
+    pytest.importorskip("triton")
+    from glq.kernels.qmatmul.triton import matmul_triton
+
+    codes, tables, row_scale = random_layer(rate, 24, 40, seed=rate)  # G = 5: a ragged tile
+    w = dequantize(codes, tables, row_scale)
+    for b in (1, 3, 17):
+        x = torch.randn(b, 40).to(dtype)
+        y = matmul_triton(x, codes, tables.table(dtype, "cpu"), row_scale, tables.bits, tables.gain)
+        exact = exact_matmul(x, w)
+        assert rel_error(y, exact) <= 4 * lowp_reference_error(x, w, exact), b
+
+
+@triton_interp
+def test_forced_triton_backend_through_public_api(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("GLQ_KERNELS_BACKEND", "triton")
+    codes, tables, row_scale = random_layer(4, 16, 32)
+    x = torch.randn(2, 32).half()
+    y = matmul(x, codes, tables, row_scale)
+    w = dequantize(codes, tables, row_scale)
+    exact = exact_matmul(x, w)
+    assert rel_error(y, exact) <= 4 * lowp_reference_error(x, w, exact)
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cand = [os.path.join(home, "bin", "nvcc")] if home else []
+    cand.append(shutil.which("nvcc") or "")
+    return next((c for c in cand if c and os.path.exists(c)), None)
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_sources_compile(tmp_path):
+    """The torch-free .cu compiles for sm_90 (to PTX: the C++ and device-code checks without the
+    minute of ptxas)."""
+    src = resources.files("glq.kernels") / "csrc" / "glq_kernels.cu"
+    out = tmp_path / "glq_kernels.ptx"
+    cmd = [_nvcc(), "-std=c++17", "-O3", "-arch=compute_90", "--ptx", str(src), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mma.sync.aligned.m16n8k16" in out.read_text()

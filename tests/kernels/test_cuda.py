@@ -1,0 +1,165 @@
+"""GPU correctness of the CUDA C and Triton backends against the plain-PyTorch references.
+
+Run on a GPU machine: ``pytest tests/kernels -m cuda``. Select cases by id, e.g. ``-k "r2-"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glq.kernels import dequantize, glq_linear, glq_linear_reference, hadamard
+from glq.kernels.fwht.reference import hadamard_reference
+from glq.kernels.testing import (
+    exact_matmul,
+    kernel_numerics_model,
+    kernel_tolerance,
+    random_layer,
+    rel_error,
+    unit_roundoff,
+)
+
+pytestmark = pytest.mark.cuda
+
+# (out, in): awkward sizes from the issue, both orientations of the big ones, and in=8/24
+# (fewer than 8 groups: the scalar-load path).
+SHAPES = [
+    (8, 8),
+    (24, 24),
+    (8, 2688),
+    (960, 24),
+    (576, 1536),
+    (1536, 576),
+    (960, 2688),
+    (2688, 960),
+    (4096, 4096),
+    (4096, 14336),
+    (14336, 4096),
+]
+BATCHES = [1, 2, 7, 16, 64]
+DTYPES = [torch.float16, torch.bfloat16]
+# Tolerances: glq.kernels.testing.kernel_tolerance (4x plain PyTorch's own error in the same
+# dtype, plus one unit roundoff per extra stage).
+
+
+def _backend_matmul(backend, x, codes, tables, row_scale):
+    table = tables.table(x.dtype, x.device)
+    if backend == "cuda":
+        rate = tables.rate
+        return torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, 0)
+    from glq.kernels.qmatmul.triton import matmul_triton
+
+    return matmul_triton(x, codes, table, row_scale, tables.bits, tables.gain)
+
+
+@pytest.fixture(scope="module")
+def cuda_ext():
+    from glq.kernels._build import load_extension
+
+    ok, why = load_extension()
+    if not ok:
+        pytest.fail(f"CUDA C backend did not build: {why}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matmul_matches_reference(cuda_ext, backend, rate, shape):
+    out_f, in_f = shape
+    if backend == "triton" and out_f * in_f > 4096 * 4096 and rate > 2:
+        pytest.skip("Triton fallback: big shapes checked at rate 2 only (time)")
+    codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=rate * 7 + out_f, device="cuda")
+    w = dequantize(codes, tables, row_scale)  # (out, in) float32
+    failures = []
+    for dtype in DTYPES:
+        for b in BATCHES:
+            x = torch.randn(b, in_f, device="cuda").to(dtype)
+            exact = exact_matmul(x, w)
+            tol = kernel_tolerance(x, w, exact, len(tables.bits))
+            y = _backend_matmul(backend, x, codes, tables, row_scale)
+            err = rel_error(y, exact)
+            if not err <= tol:
+                failures.append(f"{dtype} B={b}: err {err:.3g} > tolerance {tol:.3g}")
+            if backend == "cuda":
+                # same roundings as the kernel, so only float32 summation order may differ
+                model = kernel_numerics_model(x, codes, tables, row_scale)
+                em = rel_error(y, model)
+                if not em <= 2 * unit_roundoff(dtype):
+                    failures.append(f"{dtype} B={b}: {em:.3g} from the numerics model")
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("rate", [2, 3, 4, 8], ids=lambda r: f"r{r}")
+def test_matmul_deterministic(cuda_ext, rate):
+    """Bit-identical outputs run to run at every batch size (split-K included)."""
+    for out_f, in_f in [(4096, 14336), (576, 1536), (14336, 4096)]:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=3, device="cuda")
+        for b in BATCHES:
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                first = _backend_matmul("cuda", x, codes, tables, row_scale)
+                for _ in range(5):
+                    again = _backend_matmul("cuda", x, codes, tables, row_scale)
+                    assert torch.equal(first, again), f"{out_f}x{in_f} B={b} {dtype}"
+
+
+def test_matmul_forced_splits_agree(cuda_ext):
+    """Every split-K choice and table replication computes the same function."""
+    codes, tables, row_scale = random_layer(2, 4096, 14336, seed=5, device="cuda")
+    x = torch.randn(1, 14336, device="cuda").half()
+    w = dequantize(codes, tables, row_scale)
+    exact = exact_matmul(x, w)
+    tol = kernel_tolerance(x, w, exact, 1)
+    table = tables.table(x.dtype, x.device)
+    for rep in (1, 2, 4, 8):
+        for ks in (1, 2, 7, 56):
+            y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 2, tables.gain, rep, ks)
+            assert rel_error(y, exact) <= tol, (rep, ks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [8, 64, 576, 960, 1536, 2688, 4096, 14336, 32768])
+def test_hadamard_matches_reference(cuda_ext, dtype, n):
+    for rows in (1, 3, 64):
+        x = torch.randn(rows, n, device="cuda").to(dtype)
+        s = torch.randint(0, 2, (n,), device="cuda").float() * 2 - 1
+        so = torch.randint(0, 2, (n,), device="cuda").float() * 2 - 1
+        from glq.kernels.api import default_blocks
+
+        blocks = default_blocks(n)
+        z = hadamard(x, blocks, s, so)
+        ref = hadamard_reference(x.to(torch.float64), blocks, s, so)
+        ref_lp = ref.to(dtype)  # the reference's own rounding of the output
+        tol = 4 * rel_error(ref_lp, ref) + 1e-5  # fp32: summation order alone
+        assert rel_error(z, ref) <= tol
+
+
+def test_glq_linear_matches_reference(cuda_ext):
+    for out_f, in_f in [(576, 1536), (4096, 14336), (2688, 960)]:
+        codes, tables, row_scale = random_layer(2, out_f, in_f, seed=9, device="cuda")
+        s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
+        s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
+        for b in (1, 16):
+            x = torch.randn(b, in_f, device="cuda").half()
+            y = glq_linear(x, codes, tables, row_scale, s_in, s_out)
+            ref = glq_linear_reference(x, codes, tables, row_scale, s_in, s_out)
+            # two extra fp16 roundings (after each transform) over the matmul's own error
+            assert rel_error(y, ref) < 5e-3
+
+
+def test_public_matmul_uses_cuda(cuda_ext, monkeypatch):
+    from glq.kernels import matmul, select_backend
+
+    monkeypatch.delenv("GLQ_KERNELS_BACKEND", raising=False)
+    assert select_backend("cuda") == "cuda"
+    codes, tables, row_scale = random_layer(4, 960, 2688, device="cuda")
+    x = torch.randn(2, 5, 2688, device="cuda").bfloat16()
+    y = matmul(x, codes, tables, row_scale)
+    assert y.shape == (2, 5, 960) and y.dtype == torch.bfloat16
+    graph_x = x.reshape(-1, 2688)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gy = matmul(graph_x, codes, tables, row_scale)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gy, y.reshape(-1, 960))
