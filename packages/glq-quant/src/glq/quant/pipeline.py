@@ -409,6 +409,14 @@ def _restore_block(block: nn.Module, prefix: str, path: Path) -> dict[str, dict]
     return restored
 
 
+def _version(metadata, name: str) -> str:
+    # A source checkout on PYTHONPATH (no installed metadata) still writes a folder.
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "source"
+
+
 def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes, seconds: float, device: str,
                   source: str, streaming: bool) -> dict:
     from safetensors import safe_open
@@ -446,7 +454,7 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
     total_weights = sum(layer_sizes.values())
     from importlib import metadata
 
-    versions = {p: metadata.version(p) for p in ("glq-lattice", "glq-quant", "torch", "transformers")}
+    versions = {p: _version(metadata, p) for p in ("glq-lattice", "glq-quant", "torch", "transformers")}
     fmt = GLQFormat(layers=specs, format_version=FORMAT_VERSION, codebook=writer.codebook_id(rates_used),
                     bpw_target=plan.bpw,
                     extra={"calibration": {"dataset": plan.dataset, "nsamples": plan.nsamples,
