@@ -46,8 +46,11 @@ def _encoder(code):
 
 
 def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw: int, seed: int,
-                    tune_iters: int = 0, damp: float = 0.01) -> QuantizedLayer:
-    """Quantize ``weight`` (out, in) at ``bpw`` against its input Hessian (in, in)."""
+                    tune_iters: int = 0, damp: float = 0.01, scale_mult: float = 1.0) -> QuantizedLayer:
+    """Quantize ``weight`` (out, in) at ``bpw`` against its input Hessian (in, in).
+
+    ``scale_mult`` multiplies every row's scale (rows are normalised to unit RMS by default).
+    """
     from glq.lattice import codec
 
     start = time.perf_counter()
@@ -62,7 +65,7 @@ def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw:
     wt = rht.transform_weight(weight, s_in, s_out, in_blocks, out_blocks)  # (out, in) float32
     # Each row is its own least-squares problem under the shared H, so rows can be
     # normalised to unit RMS, the variance the lattice code is shaped for.
-    row_scale = wt.pow(2).mean(1).sqrt().clamp_min(1e-12)
+    row_scale = wt.pow(2).mean(1).sqrt().clamp_min(1e-12) * scale_mult
     wn = wt / row_scale[:, None]
     code = codec(bpw)
     quantize = _encoder(code)
@@ -71,6 +74,11 @@ def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw:
     qn = _ldlq.refine(wn, qn, ht32, quantize, tune_iters)
     codes = code.encode(qn.reshape(-1, 8))
     qn = code.decode(codes).reshape(out_features, in_features).to(qn.device)
+    # With the codes fixed, each row's best scale has a closed form under H:
+    # s = <q, w>_H / <q, q>_H. It shrinks rows whose codes overshoot and never raises the loss.
+    qh = qn @ ht32
+    fit = (qh * wn).sum(1) / (qh * qn).sum(1).clamp_min(1e-30)
+    row_scale = row_scale * torch.where(torch.isfinite(fit) & (fit > 0), fit, torch.ones_like(fit))
     qt = qn * row_scale[:, None]
     # Loss in the transformed basis equals the loss in the original one (orthogonal RHT).
     loss = _ldlq.proxy_loss(wt, qt, ht)
