@@ -104,11 +104,11 @@ def test_logits_match_the_dense_model_built_from_dequantize(model, tiny_llama_pa
 
 def test_generate_greedy_and_sampling(model):
     ids = torch.tensor([[1, 5, 9, 2]])
-    g1 = model.generate(ids, max_new_tokens=6, do_sample=False)
-    g2 = model.generate(ids, max_new_tokens=6, do_sample=False)
+    g1 = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    g2 = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert g1.shape == (1, 10) and torch.equal(g1, g2)
     torch.manual_seed(0)
-    s = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=50, temperature=1.0)
+    s = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=50, temperature=1.0)
     assert s.shape == (1, 10) and torch.equal(s[:, :4], ids)
 
 
@@ -118,10 +118,10 @@ def test_static_cache_decode_loop_and_wrapper_fallback_match_generate(model):
     from glq.hf.cuda_graph import CUDAGraphWrapper, decode
 
     ids = torch.tensor([[1, 5, 9, 2]])
-    want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    want = model.generate(ids, max_new_tokens=5, do_sample=False)  # may stop early at EOS
     step = CUDAGraphWrapper(model)  # on the CPU every call falls back to eager
     got = decode(step, ids, StaticCache(config=model.config, max_cache_len=16), 5)
-    assert torch.equal(got, want) and step.captures == 0
+    assert got.shape == (1, 9) and torch.equal(got[:, : want.shape[1]], want) and step.captures == 0
     assert step.last_fallback == "input_ids is not a CUDA tensor"
     gen = torch.Generator().manual_seed(3)
     s = decode(step, ids, StaticCache(config=model.config, max_cache_len=16), 5, do_sample=True, top_k=20,
