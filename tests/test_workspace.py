@@ -125,3 +125,13 @@ def _transitive(member: str) -> set[str]:
             seen.add(m)
             todo.extend(ALLOWED_MEMBER_DEPS[m])
     return seen
+
+
+def test_ruff_is_clean():
+    """The root ruff settings hold for every package and test (the lint the README names)."""
+    ruff = shutil.which("ruff") or (Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed")
+    out = subprocess.run([str(ruff), "check", "--output-format", "concise", str(ROOT)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:]

@@ -44,7 +44,8 @@ def test_rht_is_orthogonal_and_invertible(out_f, in_f):
 
 def test_layer_seeds_differ_and_repeat():
     a, b = rht.layer_seed(0, "model.layers.0.mlp.up_proj"), rht.layer_seed(0, "model.layers.1.mlp.up_proj")
-    assert a != b and a == rht.layer_seed(0, "model.layers.0.mlp.up_proj") and a != rht.layer_seed(1, "model.layers.0.mlp.up_proj")
+    assert a != b and a == rht.layer_seed(0, "model.layers.0.mlp.up_proj")
+    assert a != rht.layer_seed(1, "model.layers.0.mlp.up_proj")
     assert not torch.equal(rht.random_signs(64, a), rht.random_signs(64, b))
 
 

@@ -8,6 +8,7 @@ started again with the same arguments reloads those blocks and continues.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -69,7 +70,7 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
     hi = int(max_bpw) if max_bpw is not None else min(8, math.ceil(target) + (0 if target == int(target) else 1))
     if lo > hi:
         raise ValueError(f"min_bpw={lo} is above max_bpw={hi}")
-    if not (2 <= lo and hi <= 8):
+    if not (lo >= 2 and hi <= 8):
         raise ValueError(f"min_bpw/max_bpw must lie in 2..8, got {lo}..{hi}")
     if target != int(target) and not lo <= target <= hi:
         raise ValueError(f"bpw={target} is outside [min_bpw={lo}, max_bpw={hi}]")
@@ -131,10 +132,8 @@ class _Calibration:
         try:
             with torch.no_grad():
                 for w in windows:
-                    try:
+                    with contextlib.suppress(_StopForward):
                         model(w[None].to(device), use_cache=False)
-                    except _StopForward:
-                        pass
         finally:
             handle.remove()
         self.x = torch.cat(inputs)  # (nsamples, seqlen, hidden)
