@@ -143,3 +143,19 @@ def test_output_folder_that_is_not_a_run_is_refused(tiny_llama_path, tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a resumable GLQ run"):
         quantize(str(tiny_llama_path), out, bpw=2, **TINY)
+
+
+def test_unquantized_tensors_keep_the_checkpoint_dtype(tiny_llama_path, tmp_path):
+    """A bf16 checkpoint quantized on the CPU (computed in float32) is written back in bf16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_path, dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(src)
+    out = tmp_path / "glq"
+    quantize(str(src), out, bpw=2, **TINY)
+    tensors = _tensors(out)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.up_proj.row_scale"].dtype == torch.float32
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -416,6 +416,19 @@ def _version(metadata, name: str) -> str:
         return "source"
 
 
+def _checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype the source checkpoint stores (config.json's dtype / torch_dtype), float32 if unsaid."""
+    from glq.quant.checkpoint import local_folder
+
+    try:
+        cfg = json.loads((local_folder(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
 def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes, seconds: float, device: str,
                   source: str, streaming: bool) -> dict:
     from safetensors import safe_open
@@ -424,7 +437,6 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
     from glq.quant import writer
 
     tensors: dict[str, torch.Tensor] = {}
-    # Tensors outside the blocks (embeddings, final norm, head) at the checkpoint's dtype.
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     for key, value in lm.state_dict().items():
         if key.startswith(layout.path + ".") or (tied and key == "lm_head.weight"):
@@ -437,6 +449,14 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if not key.endswith(_DEQUANTIZED):
                     tensors[key] = f.get_tensor(key)
+    # Unquantized tensors (embeddings, norms, head, biases) go back at the checkpoint's own dtype:
+    # the CPU path computes in float32, which would double a bf16 model's embeddings on disk.
+    store = _checkpoint_dtype(source)
+    side = (".codes_", ".row_scale", ".signs_in", ".signs_out")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not any(tag in key for tag in side):
+            tensors[key] = value.to(store)
+    lm.config.dtype = store
     rates_used = sorted({r["spec"].bpw if isinstance(r, dict) else r.spec.bpw for r in results.values()})
     tensors.update(writer.table_tensors({b: codec(b) for b in rates_used}))
     specs = {n: (r["spec"] if isinstance(r, dict) else r.spec) for n, r in results.items()}
