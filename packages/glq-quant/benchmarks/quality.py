@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--tune-iters", type=int, default=0)
     ap.add_argument("--windows", type=int, default=None, help="evaluate only this many windows")
+    ap.add_argument("--min-bpw", type=int, default=None, help="lowest rate a fractional target may use")
+    ap.add_argument("--max-bpw", type=int, default=None, help="highest rate a fractional target may use")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--keep", default=None, help="keep the GLQ folders under this folder")
     args = ap.parse_args()
@@ -44,8 +46,8 @@ def main() -> None:
 
     def evaluate(model) -> dict:
         model = model.to(args.device).eval()
-        r40 = perplexity(model, ids, limit=40)
-        full = perplexity(model, ids, limit=args.windows)
+        r40 = perplexity(model, ids, limit=min(40, args.windows or 40))
+        full = r40 if args.windows is not None and args.windows <= 40 else perplexity(model, ids, limit=args.windows)
         model.to("cpu")
         return {"ppl40": r40.ppl, "ppl_all": full.ppl, "windows_all": full.windows}
 
@@ -59,7 +61,7 @@ def main() -> None:
             start = time.perf_counter()
             summary, model = quantize_with_model(
                 args.model, out, bpw=rate, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
-                tune_iters=args.tune_iters, progress=False)
+                tune_iters=args.tune_iters, min_bpw=args.min_bpw, max_bpw=args.max_bpw, progress=False)
             seconds = time.perf_counter() - start
             res = evaluate(model)
             rows.append({
