@@ -30,14 +30,19 @@ def test_cuda_load_holds_compact_tensors_and_matches_cpu(gpu_model, glq_folder):
     assert float((a - b).norm() / b.norm()) < 3e-2  # bf16 activations vs float32
 
 
-def _eager_and_graph(model, ids, n, **kw):
+def _eager_and_graph(model, ids, n, seed=None, **kw):
+    """Decode ``n`` tokens eagerly and through the wrapper; with ``seed``, each run samples from its
+    own generator seeded alike (one shared generator would give the second run a later stream)."""
     from transformers import StaticCache
 
     from glq.hf.cuda_graph import CUDAGraphWrapper, decode
 
+    def gen():
+        return {} if seed is None else {"generator": torch.Generator("cuda").manual_seed(seed)}
+
     step = CUDAGraphWrapper(model)
-    eager = decode(model, ids, StaticCache(config=model.config, max_cache_len=64), n, **kw)
-    graph = decode(step, ids, StaticCache(config=model.config, max_cache_len=64), n, **kw)
+    eager = decode(model, ids, StaticCache(config=model.config, max_cache_len=64), n, **gen(), **kw)
+    graph = decode(step, ids, StaticCache(config=model.config, max_cache_len=64), n, **gen(), **kw)
     return eager, graph, step
 
 
@@ -51,9 +56,10 @@ def test_graph_greedy_decode_equals_eager(gpu_model):
 def test_graph_sampling_decode_equals_eager(gpu_model):
     ids = torch.tensor([[1, 5, 9, 2]], device="cuda")
     kw = {"do_sample": True, "top_k": 40, "temperature": 0.8}
-    eager, _, _ = _eager_and_graph(gpu_model, ids, 10, generator=torch.Generator("cuda").manual_seed(7), **kw)
-    _, graph, step = _eager_and_graph(gpu_model, ids, 10, generator=torch.Generator("cuda").manual_seed(7), **kw)
+    eager, graph, step = _eager_and_graph(gpu_model, ids, 10, seed=7, **kw)
     assert torch.equal(eager, graph) and step.replays == 9
+    other, _, _ = _eager_and_graph(gpu_model, ids, 10, seed=8, **kw)
+    assert not torch.equal(other, eager)  # the samples do depend on the generator
 
 
 def test_graph_falls_back_for_other_shapes_and_arguments(gpu_model):

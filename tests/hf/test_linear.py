@@ -40,13 +40,20 @@ def _sylvester_blockdiag(blocks) -> torch.Tensor:
     return torch.block_diag(*mats)
 
 
+@pytest.mark.parametrize("signs_dtype", ["int8", "float16"])
 @pytest.mark.parametrize("bpw", RATES, ids=[f"bpw{b}" for b in RATES])
-def test_dequantize_is_the_format_formula(bpw):
-    """W = diag(s_out) H_out diag(row_scale) W̃ H_in diag(s_in), W̃ decoded by glq.lattice's oracle."""
+def test_dequantize_is_the_format_formula(bpw, signs_dtype):
+    """W = diag(s_out) H_out diag(row_scale) W̃ H_in diag(s_in), W̃ decoded by glq.lattice's oracle;
+    float16 signs (fine-tuned gains) enter exactly where the ±1 signs do."""
     from glq.lattice.reference import StageTable, decode
 
     in_f, out_f = 96, 40  # blocks (64, 32) and (32, 8): non-power-of-two on both sides
-    layer = random_glq_linear(in_f, out_f, bpw, seed=10 + bpw, tables="random")
+    layer = random_glq_linear(in_f, out_f, bpw, seed=10 + bpw, tables="random", signs_dtype=signs_dtype)
+    assert layer.signs_in.dtype == getattr(torch, signs_dtype)
+    if signs_dtype == "float16":
+        assert not bool(((layer.signs_in == 1) | (layer.signs_in == -1)).all())  # gains are really there
+        x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(2))
+        assert _rel(layer(x), F.linear(x, layer.dequantize())) < 1e-5
     st = [StageTable(s["bits"], s.get("abs"), s.get("parity"), s.get("table"), s["scale"])
           for s in stage_tables(bpw, "random")]
     codes = tuple(c.reshape(-1) for c in layer.codes)

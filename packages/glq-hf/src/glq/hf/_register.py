@@ -19,6 +19,11 @@ _WATCHED = "transformers.quantizers"
 
 
 def register_now() -> None:
+    partial = sys.modules.get("glq.hf.quantizer")
+    if partial is not None and not hasattr(partial, "register"):
+        # glq.hf.quantizer is mid-import (its own `import transformers.quantizers` fired the hook):
+        # it registers itself when it finishes, and importing it again here would fail.
+        return
     from glq.hf.quantizer import register
 
     register()

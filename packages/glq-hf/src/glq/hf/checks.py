@@ -77,9 +77,11 @@ def layer_problems(name: str, spec: LayerSpec, headers) -> list[str]:
         problems.append(f"layer {name!r}: has {extra!r} but bpw={spec.bpw} has only {len(bits)} stage(s); "
                         "the config's rate contradicts the codes")
     _expect(problems, headers, f"{name}.row_scale", (out,), {"F32"}, name, f"out_features={out}")
-    _expect(problems, headers, f"{name}.signs_in", (spec.in_features,), {"I8"}, name,
-            f"in_features={spec.in_features}")
-    _expect(problems, headers, f"{name}.signs_out", (out,), {"I8"}, name, f"out_features={out}")
+    signs = {"int8": "I8", "float16": "F16"}[spec.signs_dtype]
+    _expect(problems, headers, f"{name}.signs_in", (spec.in_features,), {signs}, name,
+            f"in_features={spec.in_features}, signs_dtype={spec.signs_dtype}")
+    _expect(problems, headers, f"{name}.signs_out", (out,), {signs}, name,
+            f"out_features={out}, signs_dtype={spec.signs_dtype}")
     if spec.bias:
         _expect(problems, headers, f"{name}.bias", (out,), _FLOAT_ST, name, "the config says bias=true")
     elif f"{name}.bias" in headers:
@@ -142,10 +144,15 @@ def loaded_layer_problems(name: str, layer) -> list[str]:
     problems = []
     for attr in ("signs_in", "signs_out"):
         s = getattr(layer, attr)
-        bad = (s != 1) & (s != -1)
+        if s.is_floating_point():  # fine-tuned gains: any finite, non-zero value
+            bad = ~torch.isfinite(s) | (s == 0)
+            rule = "finite and non-zero (float16 signs carry fine-tuned gains)"
+        else:
+            bad = (s != 1) & (s != -1)
+            rule = "±1"
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            problems.append(f"layer {name!r}: {attr} must be ±1 but element {i} is {int(s[i])}")
+            problems.append(f"layer {name!r}: {attr} must be {rule} but element {i} is {s[i].item()}")
     rs = layer.row_scale
     if not bool(torch.isfinite(rs).all()):
         i = int((~torch.isfinite(rs)).nonzero()[0, 0])

@@ -6,7 +6,8 @@ A GLQ folder is a standard Hugging Face model folder. For every quantized linear
 - ``{name}.codes_{s}``: (out, in/8) stage-``s`` codes, int16 (a 16-bit pattern) or uint8;
 - ``{name}.row_scale``: (out,) float32, multiplies output row r of the decoded weight;
 - ``{name}.signs_in`` (in,) and ``{name}.signs_out`` (out,): int8 ±1, the random
-  Hadamard signs;
+  Hadamard signs; float16 when the layer's ``signs_dtype`` is ``"float16"`` (fine-tuned: the
+  random sign times a learned per-channel gain, applied exactly where the sign is);
 - ``{name}.bias`` when the layer has one;
 
 and, once per model, the codebook tables of every rate used, ``glq_tables.bpw{b}_stage{s}_*``
@@ -28,6 +29,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 SUPPORTED_BPW = (2, 3, 4, 5, 6, 7, 8)
+SIGNS_DTYPES = ("int8", "float16")
 
 
 def power_of_two_blocks(n: int) -> tuple[int, ...]:
@@ -51,8 +53,11 @@ class LayerSpec:
     out_blocks: tuple[int, ...]
     seed: int
     bias: bool = False
+    signs_dtype: str = "int8"  # "float16": signs carry fine-tuned channel gains (written only then)
 
     def __post_init__(self):
+        if self.signs_dtype not in SIGNS_DTYPES:
+            raise ValueError(f"signs_dtype={self.signs_dtype!r} is not supported; allowed: {SIGNS_DTYPES}")
         if self.bpw not in SUPPORTED_BPW:
             raise ValueError(f"bpw={self.bpw} is not supported; allowed: {SUPPORTED_BPW}")
         if self.in_features % 8:
@@ -73,6 +78,8 @@ class LayerSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["in_blocks"], d["out_blocks"] = list(self.in_blocks), list(self.out_blocks)
+        if self.signs_dtype == "int8":  # the default stays implicit: such configs read as before
+            del d["signs_dtype"]
         return d
 
 

@@ -24,7 +24,7 @@ class GLQLinear(nn.Module):
 
     Buffers (the folder's ``{name}.*`` tensors, same names):
         ``codes_{s}``: (out, in/8) int16 for a 16-bit stage, uint8 for an 8-bit one;
-        ``row_scale``: (out,) float32; ``signs_in`` (in,) / ``signs_out`` (out,): int8 ±1;
+        ``row_scale``: (out,) float32; ``signs_in`` (in,) / ``signs_out`` (out,): int8 ±1 (float16 if fine-tuned);
         ``bias``: (out,) in the model's dtype, when the layer has one.
 
     Args:
@@ -45,8 +45,9 @@ class GLQLinear(nn.Module):
             dtype = torch.int16 if b == 16 else torch.uint8
             self.register_buffer(f"codes_{s}", torch.empty(out, groups, dtype=dtype, device=device))  # (out, in/8)
         self.register_buffer("row_scale", torch.empty(out, dtype=torch.float32, device=device))  # (out,)
-        self.register_buffer("signs_in", torch.empty(spec.in_features, dtype=torch.int8, device=device))  # (in,)
-        self.register_buffer("signs_out", torch.empty(out, dtype=torch.int8, device=device))  # (out,)
+        signs = getattr(torch, spec.signs_dtype)  # int8 ±1, or float16 with fine-tuned gains
+        self.register_buffer("signs_in", torch.empty(spec.in_features, dtype=signs, device=device))  # (in,)
+        self.register_buffer("signs_out", torch.empty(out, dtype=signs, device=device))  # (out,)
         if spec.bias:
             self.register_buffer("bias", torch.empty(out, dtype=bias_dtype, device=device))  # (out,)
         else:

@@ -169,3 +169,8 @@ def register() -> None:
     else:
         auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = GLQHfQuantizer
     _registered = True
+
+
+# Importing this module means transformers is loaded: register now. This also covers the case where
+# this import is what first loaded transformers.quantizers (the import hook defers to this line).
+register()

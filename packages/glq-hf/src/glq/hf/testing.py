@@ -94,10 +94,11 @@ def random_layer_tensors(name: str, spec: LayerSpec, weight_rms: float = 0.02,
     return t
 
 
-def layer_spec(in_features: int, out_features: int, bpw: int, seed: int = 0, bias: bool = False) -> LayerSpec:
+def layer_spec(in_features: int, out_features: int, bpw: int, seed: int = 0, bias: bool = False,
+               signs_dtype: str = "int8") -> LayerSpec:
     return LayerSpec(bpw=bpw, in_features=in_features, out_features=out_features,
                      in_blocks=power_of_two_blocks(in_features), out_blocks=_out_blocks(out_features),
-                     seed=seed, bias=bias)
+                     seed=seed, bias=bias, signs_dtype=signs_dtype)
 
 
 def _out_blocks(n: int) -> tuple[int, ...]:
@@ -106,14 +107,21 @@ def _out_blocks(n: int) -> tuple[int, ...]:
 
 
 def random_glq_linear(in_features: int, out_features: int, bpw: int, *, bias: bool = False, seed: int = 0,
-                      tables: str = "auto", device: torch.device | str = "cpu"):
-    """A standalone ``GLQLinear`` with random contents and its own tables (for kernel-level tests)."""
+                      tables: str = "auto", device: torch.device | str = "cpu", signs_dtype: str = "int8"):
+    """A standalone ``GLQLinear`` with random contents and its own tables (for kernel-level tests).
+
+    ``signs_dtype="float16"`` gives fine-tuned-style signs: ±1 times random gains in [0.5, 1.5).
+    """
     from glq.hf.linear import GLQLinear
 
-    spec = layer_spec(in_features, out_features, bpw, seed=seed, bias=bias)
+    spec = layer_spec(in_features, out_features, bpw, seed=seed, bias=bias, signs_dtype=signs_dtype)
     layer = GLQLinear(spec, device=device)
     for key, value in random_layer_tensors("l", spec, weight_rms=1.0).items():
         getattr(layer, key.split(".", 1)[1]).copy_(value)
+    if signs_dtype == "float16":
+        g = torch.Generator().manual_seed(seed + 1)
+        for signs in (layer.signs_in, layer.signs_out):
+            signs.mul_((torch.rand(signs.shape, generator=g) + 0.5).to(signs.dtype))
     holder = GLQTables.from_stages({bpw: stage_tables(bpw, tables)}).to(device)
     return layer.attach(holder.packed(bpw))
 
