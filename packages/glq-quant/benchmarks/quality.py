@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--tune-iters", type=int, default=0)
+    ap.add_argument("--finetune-epochs", type=int, nargs="+", default=[0],
+                    help="block fine-tuning epochs; several values run every rate once per value")
     ap.add_argument("--windows", type=int, default=None, help="evaluate only this many windows")
     ap.add_argument("--min-bpw", type=int, default=None, help="lowest rate a fractional target may use")
     ap.add_argument("--max-bpw", type=int, default=None, help="highest rate a fractional target may use")
@@ -55,17 +57,19 @@ def main() -> None:
     base = evaluate(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     rows.append({"model": "unquantized (fp32)", **base})
     print(json.dumps(rows[-1]), flush=True)
-    for rate in args.rates:
+    for rate, ft in [(r, e) for r in args.rates for e in args.finetune_epochs]:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(args.keep) / f"glq-{rate:g}bpw" if args.keep else Path(tmp) / "glq"
+            out = Path(args.keep) / f"glq-{rate:g}bpw-ft{ft}" if args.keep else Path(tmp) / "glq"
             start = time.perf_counter()
             summary, model = quantize_with_model(
                 args.model, out, bpw=rate, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
-                tune_iters=args.tune_iters, min_bpw=args.min_bpw, max_bpw=args.max_bpw, progress=False)
+                tune_iters=args.tune_iters, min_bpw=args.min_bpw, max_bpw=args.max_bpw, progress=False,
+                finetune_epochs=ft)
             seconds = time.perf_counter() - start
             res = evaluate(model)
             rows.append({
-                "model": f"glq {rate:g} bpw", "bpw_codes": summary["bpw_codes"],
+                "model": f"glq {rate:g} bpw" + (f", fine-tuned {ft} ep." if ft else ""),
+                "bpw_codes": summary["bpw_codes"],
                 "bpw_with_overhead": summary["bpw_with_overhead"], "quantized_bytes": summary["quantized_bytes"],
                 **res, "delta_all": res["ppl_all"] / base["ppl_all"] - 1, "seconds": round(seconds, 1),
                 "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",

@@ -49,6 +49,7 @@ class _Plan:
     seed: int
     damp: float
     bpw_map_digest: str
+    finetune_epochs: int = 0
 
     @property
     def fractional(self) -> bool:
@@ -59,7 +60,7 @@ class _Plan:
 
 
 def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map,
-              device) -> _Plan:
+              device, finetune_epochs: int = 0) -> _Plan:
     try:
         target = float(bpw)
     except (TypeError, ValueError):
@@ -78,6 +79,8 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
         raise ValueError(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     if tune_iters < 0:
         raise ValueError(f"tune_iters={tune_iters} must be >= 0")
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs={finetune_epochs} must be >= 0 (0 turns block fine-tuning off)")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but no CUDA GPU is available")
     if bpw_map is None:
@@ -87,7 +90,7 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
         digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
     return _Plan(model=str(model), bpw=target, min_bpw=lo, max_bpw=hi, nsamples=int(nsamples), seqlen=int(seqlen),
                  tune_iters=int(tune_iters), dataset=str(dataset), seed=int(seed), damp=float(damp),
-                 bpw_map_digest=digest)
+                 bpw_map_digest=digest, finetune_epochs=int(finetune_epochs))
 
 
 def _prepare_output(output_dir: Path, plan: _Plan, resume: bool) -> dict | None:
@@ -117,7 +120,8 @@ def _save_atomic(path: Path, write) -> None:
 class _Calibration:
     """Activations entering the current block, and the keyword arguments blocks need."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device):
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device,
+                 reference: bool = False):
         self.kwargs: dict = {}
         inputs: list[torch.Tensor] = []
 
@@ -137,6 +141,8 @@ class _Calibration:
         finally:
             handle.remove()
         self.x = torch.cat(inputs)  # (nsamples, seqlen, hidden)
+        # The unquantized model's activations, kept only for fine-tuning's targets.
+        self.x_ref = self.x.clone() if reference else None
 
     def run(self, block: nn.Module) -> None:
         """Replace the stored activations by ``block``'s outputs on them."""
@@ -144,6 +150,13 @@ class _Calibration:
             for i in range(self.x.shape[0]):
                 out = block(self.x[i : i + 1], **self.kwargs)
                 self.x[i : i + 1] = out[0] if isinstance(out, tuple) else out
+
+    def run_reference(self, block: nn.Module) -> None:
+        """Advance the unquantized stream through ``block`` (call before quantizing it)."""
+        with torch.no_grad():
+            for i in range(self.x_ref.shape[0]):
+                out = block(self.x_ref[i : i + 1], **self.kwargs)
+                self.x_ref[i : i + 1] = out[0] if isinstance(out, tuple) else out
 
     def hessians(self, block: nn.Module, groups: list[list[str]]) -> dict[str, torch.Tensor]:
         """E[x xᵀ] of each group's input over every calibration token, summed in float64."""
@@ -270,7 +283,7 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
              device: str = "cpu", min_bpw: int | None = None, max_bpw: int | None = None,
              bpw_map: str | os.PathLike | dict | None = None, tune_iters: int = 0, streaming: bool = False,
              trust_remote_code: bool = False, dataset: str = "wikipedia", seed: int = 0, resume: bool = True,
-             damp: float = 0.01, progress: bool = True) -> dict:
+             damp: float = 0.01, progress: bool = True, finetune_epochs: int = 0) -> dict:
     """Quantize a causal LM into a GLQ folder; returns the run's summary (also in glq_report.json).
 
     Args:
@@ -280,6 +293,8 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
             between ``min_bpw`` and ``max_bpw``, by default the neighbouring integers and one above).
         bpw_map: a ``bpw_allocation.json`` (path or dict) fixing each layer's rate; skips profiling.
         tune_iters: coordinate-descent refinement passes after LDLQ (each never increases the loss).
+        finetune_epochs: passes of block fine-tuning over the calibration set after each block is
+            quantized (``glq.quant.finetune``: sign gains, row scales, norms; codes fixed); 0 = off.
         dataset: calibration text: a shipped name ("wikipedia", "c4"), a text file, or a hub dataset.
         streaming: build the model on the meta device and read each block's weights from the
             safetensors shards only when its turn comes, so host memory holds one block plus
@@ -288,18 +303,21 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
     summary, _ = quantize_with_model(
         model, output_dir, bpw=bpw, nsamples=nsamples, seqlen=seqlen, device=device, min_bpw=min_bpw,
         max_bpw=max_bpw, bpw_map=bpw_map, tune_iters=tune_iters, streaming=streaming,
-        trust_remote_code=trust_remote_code, dataset=dataset, seed=seed, resume=resume, damp=damp, progress=progress)
+        trust_remote_code=trust_remote_code, dataset=dataset, seed=seed, resume=resume, damp=damp, progress=progress,
+        finetune_epochs=finetune_epochs)
     return summary
 
 
 def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 128, seqlen: int = 2048,
                         device: str = "cpu", min_bpw=None, max_bpw=None, bpw_map=None, tune_iters: int = 0,
                         streaming: bool = False, trust_remote_code: bool = False, dataset: str = "wikipedia",
-                        seed: int = 0, resume: bool = True, damp: float = 0.01, progress: bool = True):
+                        seed: int = 0, resume: bool = True, damp: float = 0.01, progress: bool = True,
+                        finetune_epochs: int = 0):
     """``quantize``, also returning the model with every quantized weight replaced by its
     dequantized value (blocks on the CPU; None with ``streaming``), for evaluation."""
     start = time.perf_counter()
-    plan = _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map, device)
+    plan = _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map, device,
+                     finetune_epochs)
     out = Path(output_dir)
     state = _prepare_output(out, plan, resume)
     dev = torch.device(device)
@@ -344,7 +362,7 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         rates = allocate.greedy_allocation(losses, layer_sizes, plan.bpw, plan.min_bpw, plan.max_bpw)
         allocate.write_allocation(out / PARTIAL / ALLOCATION_FILE, rates, layer_sizes, plan.bpw, losses)
 
-    calib = _Calibration(lm, blocks, windows, dev)
+    calib = _Calibration(lm, blocks, windows, dev, reference=plan.finetune_epochs > 0)
     finished = state["blocks"] if state else 0
     state = {"plan": plan.fingerprint(), "blocks": finished}
     _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
@@ -353,12 +371,20 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         block = fetch(i)
         prefix = f"{layout.path}.{i}"
         part = out / PARTIAL / f"block_{i:05d}.safetensors"
+        if plan.finetune_epochs:
+            calib.run_reference(block)  # the unquantized block: fine-tuning's target
         if i < finished:
             results.update(_restore_block(block, prefix, part))
         else:
             done = _quantize_block(block, prefix, calib, rates, plan, groups_of(i, block))
-            _save_block(part, block, prefix, done)
-            results.update({n: {"spec": q.spec, **q.report()} for n, q in done.items()})
+            extra = {}
+            if plan.finetune_epochs:
+                from glq.quant import finetune
+
+                extra["finetune"] = finetune.tune_block(block, prefix, done, calib.x, calib.x_ref, calib.kwargs,
+                                                        finetune.TuneConfig(epochs=plan.finetune_epochs))
+            _save_block(part, block, prefix, done, extra)
+            results.update({n: {"spec": q.spec, **q.report(), **extra} for n, q in done.items()})
             state["blocks"] = i + 1
             _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
         calib.run(block)
@@ -376,7 +402,8 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
 _DEQUANTIZED = ".glq_dequantized"  # partial-file key suffix of a layer's dequantized weight
 
 
-def _save_block(path: Path, block: nn.Module, prefix: str, done: dict[str, QuantizedLayer]) -> None:
+def _save_block(path: Path, block: nn.Module, prefix: str, done: dict[str, QuantizedLayer],
+                extra: dict | None = None) -> None:
     """Everything the final folder needs from this block, plus what an exact resume needs."""
     from safetensors.torch import save_file
 
@@ -386,7 +413,7 @@ def _save_block(path: Path, block: nn.Module, prefix: str, done: dict[str, Quant
         tensors.update(q.tensors(name))
         # Exact resume: the very weights this run used downstream, no re-decoding.
         tensors[name + _DEQUANTIZED] = q.weight.to(torch.float32).contiguous().cpu()
-        meta[name] = {"spec": q.spec.to_dict(), **q.report()}
+        meta[name] = {"spec": q.spec.to_dict(), **q.report(), **(extra or {})}
     for key, value in block.state_dict().items():  # norms, biases: stored as they are
         full = f"{prefix}.{key}"
         if not (key.endswith(".weight") and full[: -len(".weight")] in done):
@@ -405,6 +432,13 @@ def _restore_block(block: nn.Module, prefix: str, path: Path) -> dict[str, dict]
             rel = name[len(prefix) + 1 :]
             linears[rel].weight.data.copy_(f.get_tensor(name + _DEQUANTIZED).to(linears[rel].weight.dtype))
             restored[name] = {**info, "spec": LayerSpec.from_dict(info["spec"]), "_file": str(path)}
+        # Norms and biases too: fine-tuning changes them, and the next block's inputs depend on them.
+        stored = set(f.keys())
+        with torch.no_grad():
+            for key, value in block.state_dict().items():
+                full = f"{prefix}.{key}"
+                if full in stored and not (key.endswith(".weight") and full[: -len(".weight")] in meta):
+                    value.copy_(f.get_tensor(full).to(value.dtype))
     return restored
 
 
@@ -469,7 +503,9 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
     # returning a model with random weights (see glq.hf.guard).
     tensors.update(guard_tensors(specs))
     code_bits = sum(layer_sizes[n] * specs[n].bpw for n in specs)
-    overhead_bits = sum(8 * (4 * s.out_features + s.in_features + s.out_features) for s in specs.values())
+    sign_bits = {"int8": 8, "float16": 16}
+    overhead_bits = sum(32 * s.out_features + sign_bits[s.signs_dtype] * (s.in_features + s.out_features)
+                        for s in specs.values())
     total_weights = sum(layer_sizes.values())
     from importlib import metadata
 

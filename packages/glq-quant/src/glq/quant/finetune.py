@@ -1,0 +1,168 @@
+"""Block fine-tuning: after a block's linears are quantized, tune its continuous parameters so the
+quantized block reproduces the *unquantized* model's block output.
+
+The codes stay fixed. What moves, per quantized linear, are three gain vectors that the format
+already has a place for (see ``glq.hf.config``)::
+
+    W = diag(s_out · g_out) · H_out · diag(row_scale · g_r) · W̃ · H_in · diag(s_in · g_in)
+
+(the signs become float16 "signs with gains", ``signs_dtype="float16"``), plus the block's own
+unquantized parameters (RMSNorm weights, biases). This is QuIP#'s idea of tuning the sign vectors
+as real numbers, applied block by block so memory stays at one block whatever the model size.
+
+The target is the unquantized block applied to the unquantized model's activations, while the
+input is the quantized model's activations: a block may also pull back error made before it. A
+held-out share of the calibration sequences decides when to stop; a block whose held-out loss
+does not improve keeps its untuned values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glq.quant import arch, rht
+from glq.quant.layer import QuantizedLayer
+
+log = logging.getLogger("glq.quant")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    epochs: int = 2
+    lr: float = 1e-3
+    holdout: float = 0.125  # share of calibration sequences used only to judge the tuning
+
+
+class _TunedLinear(nn.Module):
+    """A quantized linear whose three gain vectors (and bias) are trainable; codes fixed."""
+
+    def __init__(self, q: QuantizedLayer, bias: torch.Tensor | None, device: torch.device):
+        super().__init__()
+        from glq.lattice import codec
+
+        spec = q.spec
+        self.spec = spec
+        out_f, in_f = spec.out_features, spec.in_features
+        code = codec(spec.bpw)
+        qn = code.decode(tuple(c.reshape(-1).to(device) for c in q.codes)).reshape(out_f, in_f)
+        # W̃ · H_in is fixed: one input-side transform now instead of one per step.
+        self.register_buffer("qh", rht._fwht_rows(qn.to(device, torch.float32), spec.in_blocks))
+        self.register_buffer("row_scale", q.row_scale.to(device, torch.float32))
+        self.register_buffer("s_in", q.signs_in.to(device, torch.float32))
+        self.register_buffer("s_out", q.signs_out.to(device, torch.float32))
+        self.g_in = nn.Parameter(torch.ones(in_f, device=device))
+        self.g_out = nn.Parameter(torch.ones(out_f, device=device))
+        self.g_r = nn.Parameter(torch.ones(out_f, device=device))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device, torch.float32).clone())
+
+    def signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The signs with gains as stored (float16) and used: tuning sees the stored rounding."""
+        s_in, s_out = self.s_in * self.g_in, self.s_out * self.g_out
+        # Straight-through float16 rounding: forward uses the stored values, gradients pass.
+        return (s_in + (s_in.half().float() - s_in).detach(), s_out + (s_out.half().float() - s_out).detach())
+
+    def weight(self) -> torch.Tensor:
+        s_in, s_out = self.signs()
+        w = self.qh * (self.row_scale * self.g_r)[:, None] * s_in  # diag(r) W̃ H_in diag(s_in)
+        return rht._fwht_rows(w.T, self.spec.out_blocks).T * s_out[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def result(self, q: QuantizedLayer) -> QuantizedLayer:
+        s_in, s_out = self.signs()
+        row_scale = (self.row_scale * self.g_r).float()
+        return replace(q, spec=replace(q.spec, signs_dtype="float16"), row_scale=row_scale.cpu(),
+                       signs_in=s_in.half().cpu(), signs_out=s_out.half().cpu(), weight=self.weight().cpu())
+
+
+def _block_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, idx) -> torch.Tensor:
+    """Mean over sequences of ‖block(x) − target‖² / ‖target‖² (a scale-free relative error)."""
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in idx:
+        out = block(x[i : i + 1].float(), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        t = target[i : i + 1].float()
+        total = total + (out.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    return total / max(len(idx), 1)
+
+
+def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x: torch.Tensor,
+               target: torch.Tensor, kwargs: dict, cfg: TuneConfig) -> dict:
+    """Tune ``block`` (its quantized linears already hold their dequantized weights) in place and
+    update ``done`` with the tuned layers. ``x``: the block's inputs in the quantized model,
+    ``target``: the unquantized block's outputs on the unquantized model's inputs, both
+    (nsamples, seqlen, hidden). Returns {"loss_before", "loss_after", "steps"} on held-out data."""
+    n = x.shape[0]
+    n_val = min(max(1, round(n * cfg.holdout)), n - 1) if n > 1 else 0
+    train, val = list(range(n - n_val)), list(range(n - n_val, n)) or list(range(n))
+    device = x.device
+    dtype = next(p.dtype for p in block.parameters() if p.is_floating_point())
+    kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else
+                  tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in v)
+                  if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+
+    linears = arch.block_linears(block)
+    tuned: dict[str, _TunedLinear] = {}
+    originals: dict[str, nn.Module] = {}
+    rel_of = {f"{prefix}.{rel}": rel for rel in linears}
+    for full, q in done.items():
+        rel = rel_of[full]
+        lin = linears[rel]
+        tuned[full] = _TunedLinear(q, lin.bias, device)
+        originals[rel] = lin
+        _set_submodule(block, rel, tuned[full])
+    block.float()
+    # Only vectors train (gains, norm weights, biases); any dense weight left in the block stays.
+    params = {k: p for k, p in block.named_parameters() if p.dim() == 1}
+    for p in block.parameters():
+        p.requires_grad_(p.dim() == 1)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in params.items()}
+
+    saved = snapshot()
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    with torch.no_grad():
+        before = float(_block_loss(block, x, target, kwargs, val))
+    best, best_state, steps = before, None, 0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(cfg.epochs):
+        for i in torch.randperm(len(train), generator=gen).tolist():
+            opt.zero_grad(set_to_none=True)
+            loss = _block_loss(block, x, target, kwargs, [train[i]])
+            loss.backward()
+            opt.step()
+            steps += 1
+        with torch.no_grad():
+            now = float(_block_loss(block, x, target, kwargs, val))
+        if now < best:
+            best, best_state = now, snapshot()
+    with torch.no_grad():
+        for k, v in (best_state if best_state is not None else saved).items():
+            params[k].copy_(v)
+
+    for full, mod in tuned.items():
+        rel = rel_of[full]
+        lin = originals[rel]
+        if best_state is not None:
+            done[full] = mod.result(done[full])
+            lin.weight.data.copy_(done[full].weight.to(lin.weight.device, lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.data.copy_(mod.bias.detach().to(lin.bias.dtype))
+        _set_submodule(block, rel, lin)
+    block.to(dtype)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return {"loss_before": before, "loss_after": best, "steps": steps}
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
