@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
+# time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
+#   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
+# Steps: hf mem kvbench decode kernels kbench ncu (default: hf mem kvbench decode kernels).
+set -uo pipefail
+out="${OUT:-out}"; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$out/device.txt" 2>&1
+step() {  # name seconds command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
+}
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(hf mem kvbench decode kernels)
+for s in "${steps[@]}"; do case $s in
+  hf) step hf 150 python3 -m pytest -q -p no:cacheprovider tests/hf -m cuda ;;
+  kernels) step kernels 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda ;;
+  mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
+  decode) step decode 200 python3 packages/glq-hf/benchmarks/bench_decode.py --json "$out/decode.json" ;;
+  kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;
+  kbench) step kbench 240 python3 -m glq.kernels.benchmark --quick --out "$out/kbench.md" ;;
+  ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
+        python3 scripts/ncu_matmul.py ;;
+  *) echo "unknown step $s" | tee -a "$out/summary.txt" ;;
+esac; done
