@@ -294,4 +294,6 @@ def test_cuda_sources_compile(tmp_path):
     cmd = [_nvcc(), "-std=c++17", "-O3", "-arch=compute_90", "--ptx", str(src), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "mma.sync.aligned.m16n8k16" in out.read_text()
+    ptx = out.read_text()
+    assert "mma.sync.aligned.m16n8k16" in ptx
+    assert "glq_gemv_kernel" in ptx  # the small-batch kernel is instantiated

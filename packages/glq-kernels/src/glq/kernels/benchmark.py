@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -116,8 +117,9 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
     print("\n".join(lines), flush=True)
 
     rows = [
-        "| out x in | batch | rate | glq us | bf16 us | speed-up | glq TB/s | % of copy | err/ref |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| out x in | batch | rate | glq us | bf16 us | speed-up | glq TB/s | % of copy | err/ref "
+        "| MMA kernel (v3) us | v3 err/ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     configs = []
     rates = [2, 3, 4, 8] if quick else list(range(2, 9))
@@ -127,6 +129,7 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
             configs.append((out_f, in_f, 1, rate))
     for out_f, in_f in SHAPES[:1] if smoke else SHAPES[:3]:
         for rate in (2, 4):
+            configs.append((out_f, in_f, 4, rate))
             configs.append((out_f, in_f, 16, rate))
             configs.append((out_f, in_f, 64, rate))
     bf16_cache = {}
@@ -141,12 +144,22 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
         w = dequantize(c0, tables, r0)
         exact = exact_matmul(x, w)
         err = rel_error(matmul(x, c0, tables, r0), exact) / lowp_reference_error(x, w, exact)
-        w = exact = None
         t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+        # old vs new side by side: the MMA kernel (v3) forced, for batches the new kernel takes
+        v3 = "| - | - |"
+        if batch <= 8:
+            tab = tables.table(x.dtype, x.device)
+
+            def mma(i):
+                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 1)
+
+            e3 = rel_error(mma(0), exact) / lowp_reference_error(x, w, exact)
+            v3 = f"| {time_graph(mma, n) * 1e6:.1f} | {e3:.2f} |"
+        w = exact = None
         nb = glq_bytes(rate, out_f, in_f, batch)
         rows.append(
             f"| {out_f}x{in_f} | {batch} | {rate} | {t * 1e6:.1f} | {tb * 1e6:.1f} | "
-            f"{tb / t:.2f}x | {nb / t / 1e12:.2f} | {100 * nb / t / bw:.0f}% | {err:.2f} |"
+            f"{tb / t:.2f}x | {nb / t / 1e12:.2f} | {100 * nb / t / bw:.0f}% | {err:.2f} {v3}"
         )
         print(rows[-1], flush=True)
         layers = None  # free the weight copies before the next shape
@@ -204,7 +217,7 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                     except RuntimeError as e:
                         var.append(f"| {out_f}x{in_f} | {rate} | {rep} | {ks} | failed: {e} |")
                         continue
-                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, rep, ks, 0)
+                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, rep, ks, 0, 1)
                     var.append(
                         f"| {out_f}x{in_f} | {rate} | {rep} | {ks}->{plan[2]} (grid {plan[3]}) | {t * 1e6:.1f} |"
                     )
@@ -214,6 +227,8 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
 
 
 def main(argv=None) -> int:
+    # Time the small-batch kernel (opt-in in ops.py until it has passed on a GPU) against v3.
+    os.environ.setdefault("GLQ_KERNELS_GEMV", "1")
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write the Markdown tables here")
     ap.add_argument("--quick", action="store_true", help="rates 2, 3, 4, 8 only")

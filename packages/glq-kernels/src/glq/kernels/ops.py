@@ -10,6 +10,7 @@ handling are :func:`glq.kernels.matmul`, :func:`glq.kernels.hadamard` and
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -20,6 +21,8 @@ from .qmatmul.reference import matmul_reference
 
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
 MAX_KERNEL_BATCH = 64
+GEMV_ENV = "GLQ_KERNELS_GEMV"
+_gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 
 
 def _rate(bits: list[int]) -> int:
@@ -40,9 +43,18 @@ def matmul_op(
     if backend == "cuda":
         fn = torch.ops.glq_cuda.matmul
         rate = _rate(bits)
+        # The small-batch kernel (v4) compiles and matches a numpy model of its index math but has
+        # not yet run on a GPU: opt in with GLQ_KERNELS_GEMV=1 until the GPU tests have passed.
+        variant = 0 if os.environ.get(GEMV_ENV, "") == "1" else 1
 
         def run(xb: Tensor) -> Tensor:
-            return fn(xb, codes, tables, row_scale, rate, gain, 0, 0)
+            if variant == 0 and xb.shape[0] <= 8 and not _gemv_failed:
+                try:
+                    return fn(xb, codes, tables, row_scale, rate, gain, 0, 0, 0)
+                except RuntimeError as e:  # a launch/plan failure of the new kernel: fall back
+                    _gemv_failed.append(str(e))
+                    _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
+            return fn(xb, codes, tables, row_scale, rate, gain, 0, 0, 1)
 
     else:
         from .qmatmul.triton import matmul_triton

@@ -45,7 +45,7 @@ int* counters_for(const at::Tensor& like, int64_t n) {
 
 at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& tables,
                   const at::Tensor& row_scale, int64_t rate, double gain, int64_t rep,
-                  int64_t ksplit) {
+                  int64_t ksplit, int64_t variant) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "glq_cuda.matmul: expected a 2-D CUDA x");
   const int dt = dtype_code(x);
   TORCH_CHECK(dt == glq::kFloat16 || dt == glq::kBFloat16,
@@ -73,7 +73,8 @@ at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& t
   glq::MatmulPlan plan;
   check_cuda(glq::matmul_plan(static_cast<int>(B), static_cast<int>(M), static_cast<int>(K),
                               static_cast<int>(rate), dt, static_cast<int>(rep),
-                              static_cast<int>(ksplit), x.get_device(), &plan),
+                              static_cast<int>(ksplit), x.get_device(), static_cast<int>(variant),
+                              &plan),
              "matmul_plan");
   glq::MatmulParams p{};
   p.x = x.data_ptr();
@@ -101,10 +102,11 @@ at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& t
 }
 
 std::vector<int64_t> matmul_plan_info(int64_t B, int64_t M, int64_t K, int64_t rate,
-                                      int64_t dtype, int64_t rep, int64_t ksplit, int64_t device) {
+                                      int64_t dtype, int64_t rep, int64_t ksplit, int64_t device,
+                                      int64_t variant) {
   glq::MatmulPlan plan;
-  check_cuda(glq::matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, &plan), "matmul_plan");
-  return {plan.rows_per_cta, plan.row_blocks, plan.ksplit, plan.grid, plan.rep, plan.smem_bytes};
+  check_cuda(glq::matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant, &plan), "matmul_plan");
+  return {plan.rows_per_cta, plan.row_blocks, plan.ksplit, plan.grid, plan.rep, plan.smem_bytes, plan.kernel};
 }
 
 at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
@@ -153,9 +155,10 @@ at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
 }  // namespace
 
 TORCH_LIBRARY(glq_cuda, m) {
-  m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit) -> Tensor");
+  // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel
+  m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");
   m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs) -> Tensor");
-  m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device) -> int[]",
+  m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, int variant=0) -> int[]",
         &matmul_plan_info);
 }
 

@@ -237,21 +237,21 @@ __device__ __forceinline__ uint4 decode(const ChunkCodes<N16, HAS8, R>& cc, int 
 
 // Tables into shared memory: entry e (stage-major) goes to slots e*REP .. e*REP+REP-1. All of a
 // thread's global loads are issued before its stores, so the fill costs one L2 round trip.
-template <int N16, bool HAS8>
+template <int N16, bool HAS8, int NTHREADS = kThreads>
 __device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict__ tg,
                                             int rep_log2) {
   constexpr int entries = N16 * 512 + (HAS8 ? 256 : 0);
-  constexpr int per_thread = (entries + kThreads - 1) / kThreads;
+  constexpr int per_thread = (entries + NTHREADS - 1) / NTHREADS;
   uint4 v[per_thread];
 #pragma unroll
   for (int k = 0; k < per_thread; ++k) {
-    const int e = threadIdx.x + k * kThreads;
+    const int e = threadIdx.x + k * NTHREADS;
     if (e < entries) v[k] = tg[e];
   }
   const int rep = 1 << rep_log2;
 #pragma unroll
   for (int k = 0; k < per_thread; ++k) {
-    const int e = threadIdx.x + k * kThreads;
+    const int e = threadIdx.x + k * NTHREADS;
     if (e < entries)
       for (int r = 0; r < rep; ++r) smem[(e << rep_log2) + r] = v[k];
   }
@@ -423,6 +423,294 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
+// small-batch kernel ("gemv", batch 1..8): x held in registers, warps split K inside the CTA
+//
+// Why (ncu, H200, v3 at 4096x14336 b1): L1/shared pipe 72-90% busy, DRAM 10-14%, 16 warps/SM
+// (124 registers), 62% of cycles with no eligible warp. v3 reloads 8 x fragments (LDG.128 through
+// L1) per 32 codes and recomputes its table address math per code; 813 SASS per 32 codes/lane.
+// This kernel keeps the MMA decode (1 HMMA per code, the cheapest dot product) and changes the
+// loop order so x leaves the hot loop:
+// * A slice is 16 consecutive 8-input groups (128 inputs). Lane (g = lane/4, t = lane%4) owns the
+//   4 groups j = 16*sl + 4t + i (i = 0..3) of every slice sl it visits.
+// * Each warp walks slices sl = s_begin + warp, + kGemvWarps, ... (outer loop) and, inside, the
+//   kGemvT row tiles (16 rows each) of its item (inner loop, unrolled). x fragments of a slice
+//   (4 uint4 = 16 registers) are loaded once and reused by kGemvT row tiles = 32 codes per lane
+//   per stage; the loop body only loads codes (one 8-byte load per row and stage, prefetched one
+//   step ahead) and reads tables.
+// * acc[rt] (16 rows x 8 batch columns per row tile) accumulates over the warp's slices. At the
+//   end of a work item every warp writes its partials to shared memory red[warp][row][b] and the
+//   CTA adds the kGemvWarps partials in warp order (fixed: bit-identical), then either stores y
+//   (ksplit == 1) or a split-K partial that the last CTA of the row block adds in split order
+//   (the same integer-counter protocol as glq_matmul_kernel). No float atomics.
+// * MMA fragment mapping (identical to glq_matmul_kernel, 8 codes there, 4 here): for code i of
+//   rows g (wa) and g+8 (wb): A = {wa.x, wb.x, wa.y, wb.y}, B = {x.x, x.y} feeds k-slots 2t, 2t+1
+//   (code elements 0,1) and 2t+8, 2t+9 (elements 2,3); the second MMA takes elements 4..7. A and
+//   B agree on which (group, element) each k-slot is, and the 4 lanes t hold 4 different groups,
+//   so each MMA adds 4 groups x 4 elements of every row. Batch column n = g of B is x row
+//   min(g, B-1); columns >= B are computed and never stored.
+// * Table address of a 16-bit code c with REP = 2^RL2 copies: entry c>>7 at byte
+//   (c>>7) * 16 * REP = (c & 0xFF80) >> (3 - RL2), plus the lane's copy (lane % REP) * 16; an
+//   8-bit code c at (c << 7) >> (3 - RL2) in its stage. RL2 is a template constant here.
+// * Signs, lo = c & 127, p = popc(lo) & 1 (coordinate 7 also carries parity[pattern], folded into
+//   the table): word k (coordinates 2k, 2k+1) is XORed with bits 15 and 31 of lo * (2^(15-2k) +
+//   2^(30-2k)) for k = 0, 1, 2 (the two shifted copies of the 7-bit lo never overlap, so there
+//   are no carries), and word 3 with bits 15, 31 of (lo << 9) + (p << 31) (bit 6 of lo at 15,
+//   parity at 31; lo << 9 < 2^16 so the sum has no carry into bit 31). One POPC, 4 IMAD/SHL,
+//   4 LOP3 per code; a CPU model of this math is checked in tests/kernels/test_gemv_model.py.
+// Edge slices (groups past G, or G % 4 != 0) and row tiles past M use an out-of-line scalar
+// loader with zero codes and zero x, like glq_matmul_kernel.
+
+constexpr int kGemvWarps = 16;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kGemvT = 4;              // row tiles (16 rows) per warp and work item
+constexpr int kGemvRows = 16 * kGemvT;  // rows per work item
+constexpr int kSliceGroups = 16;       // groups per slice: 4 lanes t x 4 groups
+constexpr int kGemvMaxB = 8;
+
+template <int N16, bool HAS8>
+struct SliceCodes {
+  uint2 c16[N16][2];             // [stage][row g / g+8]: codes of groups j0..j0+3 (16 bits each)
+  uint32_t c8[HAS8 ? 2 : 1];     // [row g / g+8]: 8-bit codes of groups j0..j0+3 (one byte each)
+};
+
+__device__ __forceinline__ uint32_t load_stream4(const void* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// Rows r0 (h = 0) and r0 + 8 (h = 1), groups j0..j0+3; anything past M or G reads as code 0.
+template <int N16, bool HAS8>
+__device__ __noinline__ SliceCodes<N16, HAS8> load_slice_slow(const MatmulParams p, int r0, int j0,
+                                                              int G) {
+  SliceCodes<N16, HAS8> cc;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + 8 * h;
+    const bool row_ok = r < p.M;
+    const long long off = static_cast<long long>(r) * G + j0;
+#pragma unroll
+    for (int s = 0; s < N16; ++s) {
+      const uint16_t* src = static_cast<const uint16_t*>(p.codes[s]) + off;
+      uint32_t w[2] = {0, 0};
+      if (row_ok) {
+        for (int e = 0; e < 4; ++e)
+          if (j0 + e < G) w[e / 2] |= static_cast<uint32_t>(src[e]) << (16 * (e & 1));
+      }
+      cc.c16[s][h] = make_uint2(w[0], w[1]);
+    }
+    if constexpr (HAS8) {
+      const uint8_t* src = static_cast<const uint8_t*>(p.codes[N16]) + off;
+      uint32_t w = 0;
+      if (row_ok) {
+        for (int e = 0; e < 4; ++e)
+          if (j0 + e < G) w |= static_cast<uint32_t>(src[e]) << (8 * e);
+      }
+      cc.c8[h] = w;
+    }
+  }
+  return cc;
+}
+
+// fast: the slice lies inside G, G % 4 == 0 (8-byte aligned rows) and both rows are inside M.
+template <int N16, bool HAS8>
+__device__ __forceinline__ void load_slice(SliceCodes<N16, HAS8>& cc, const MatmulParams& p, int r0,
+                                           int j0, int G, bool fast) {
+  if (!fast) {
+    cc = load_slice_slow<N16, HAS8>(p, r0, j0, G);
+    return;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const long long off = static_cast<long long>(r0 + 8 * h) * G + j0;
+#pragma unroll
+    for (int s = 0; s < N16; ++s) cc.c16[s][h] = load_stream8(static_cast<const uint16_t*>(p.codes[s]) + off);
+    if constexpr (HAS8) cc.c8[h] = load_stream4(static_cast<const uint8_t*>(p.codes[N16]) + off);
+  }
+}
+
+// Decoded weights (4 words of 2 fp16/bf16, coordinates 0..7) of code i (0..3) of row h.
+// tab: this lane's table copy (shared memory base + (lane % REP) * 16 bytes).
+template <typename T, int N16, bool HAS8, int RL2>
+__device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, int h, int i,
+                                             const char* tab) {
+  constexpr int kShift = 3 - RL2;
+  constexpr int kStageBytes = 512 * 16 << RL2;
+  uint4 acc = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int s = 0; s < N16; ++s) {
+    const uint32_t w = (i < 2) ? cc.c16[s][h].x : cc.c16[s][h].y;
+    const uint32_t c = (i & 1) ? (w >> 16) : (w & 0xFFFFu);
+    uint4 v = *reinterpret_cast<const uint4*>(tab + s * kStageBytes + ((c & 0xFF80u) >> kShift));
+    const uint32_t lo = c & 127u;
+    const uint32_t par = static_cast<uint32_t>(__popc(lo)) << 31;
+    v.x ^= (lo * 0x40008000u) & 0x80008000u;
+    v.y ^= (lo * 0x10002000u) & 0x80008000u;
+    v.z ^= (lo * 0x04000800u) & 0x80008000u;
+    v.w ^= ((lo << 9) + par) & 0x80008000u;
+    if (s == 0) {
+      acc = v;
+    } else {
+      acc.x = TypeOps<T>::add2(acc.x, v.x);
+      acc.y = TypeOps<T>::add2(acc.y, v.y);
+      acc.z = TypeOps<T>::add2(acc.z, v.z);
+      acc.w = TypeOps<T>::add2(acc.w, v.w);
+    }
+  }
+  if constexpr (HAS8) {
+    const uint32_t c = (cc.c8[h] >> (8 * i)) & 0xFFu;
+    const uint4 v = *reinterpret_cast<const uint4*>(tab + N16 * kStageBytes + ((c << 7) >> kShift));
+    acc.x = TypeOps<T>::add2(acc.x, v.x);
+    acc.y = TypeOps<T>::add2(acc.y, v.y);
+    acc.z = TypeOps<T>::add2(acc.z, v.z);
+    acc.w = TypeOps<T>::add2(acc.w, v.w);
+  }
+  return acc;
+}
+
+// Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, RL2 = log2 of the
+// table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
+// (prefetch depth NB - 1 steps; NB divides kGemvT).
+// Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
+template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB>
+__global__ void __launch_bounds__(kGemvThreads, MINB)
+    glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+  extern __shared__ uint4 smem[];
+  __shared__ int s_last;
+  constexpr int REP = 1 << RL2;
+  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
+  const int G = p.K / 8;
+  const int B = p.B;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const char* tab = reinterpret_cast<const char*>(smem) + (lane & (REP - 1)) * 16;
+  const int n_slices = (G + kSliceGroups - 1) / kSliceGroups;
+  const int slices_per_split = (n_slices + ksplit - 1) / ksplit;
+  const bool vec = (G % 4) == 0;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
+  static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
+  const int n_items = row_blocks * ksplit;
+
+  fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  __syncthreads();
+
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int rb = item % row_blocks;
+    const int ks = item / row_blocks;
+    const int row_base = rb * kGemvRows;
+    const int s_first = ks * slices_per_split;
+    const int s_stop = min(n_slices, s_first + slices_per_split);
+    // rows of (rt, h = 0) for this lane are row_base + 16 rt + g; the whole item is inside M?
+    const bool rows_ok = row_base + kGemvRows <= p.M;
+
+    float acc[kGemvT][4];
+#pragma unroll
+    for (int rt = 0; rt < kGemvT; ++rt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
+
+    // Steps: step q of this warp is (slice sl = s_first + warp + (q / kGemvT) * kGemvWarps,
+    // row tile q % kGemvT). Codes of step q live in ring slot q % NB; NB divides kGemvT, so the
+    // slot of (slice k, row tile rt) is rt % NB, a compile-time index in the unrolled rt loop (no
+    // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
+    SliceCodes<N16, HAS8> ring[NB];
+    auto load_step = [&](SliceCodes<N16, HAS8>& dst, int sl_, int rt_) {
+      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+      load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
+    };
+    if (s_first + warp < s_stop) {
+#pragma unroll
+      for (int d = 0; d < NB - 1; ++d) load_step(ring[d], s_first + warp, d);
+    }
+    for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
+      const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
+      // x fragments of groups j0..j0+3 (8 inputs each): zero past G (their codes read as 0 and
+      // still decode to finite table entries).
+      uint4 xf[4];
+      if (vec && sl * kSliceGroups + kSliceGroups <= G) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          xf[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)))
+                               : make_uint4(0, 0, 0, 0);
+      }
+      const int sl_next = sl + kGemvWarps;
+#pragma unroll
+      for (int rt = 0; rt < kGemvT; ++rt) {
+        // prefetch step + NB - 1: row tile rt + NB - 1 of this slice, or of the next slice
+        constexpr int kAhead = NB - 1;
+        if (rt + kAhead < kGemvT) {
+          load_step(ring[(rt + kAhead) % NB], sl, rt + kAhead);
+        } else if (sl_next < s_stop) {
+          load_step(ring[(rt + kAhead) % NB], sl_next, rt + kAhead - kGemvT);
+        }
+        const SliceCodes<N16, HAS8>& cur = ring[rt % NB];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(cur, 0, i, tab);  // row g
+          const uint4 wb = gemv_decode<T, N16, HAS8, RL2>(cur, 1, i, tab);  // row g + 8
+          TypeOps<T>::mma(acc[rt], wa.x, wb.x, wa.y, wb.y, xf[i].x, xf[i].y);
+          TypeOps<T>::mma(acc[rt], wa.z, wb.z, wa.w, wb.w, xf[i].z, xf[i].w);
+        }
+      }
+    }
+
+    // Cross-warp reduction. acc[rt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t),
+    // (row g+8, col 2t+1) of row tile rt; red[(warp * 64 + local row) * B + b].
+#pragma unroll
+    for (int rt = 0; rt < kGemvT; ++rt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int rl = 16 * rt + g + 8 * (q >> 1);
+        const int b = 2 * t + (q & 1);
+        if (b < B) red[(warp * kGemvRows + rl) * B + b] = acc[rt][q];
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kGemvRows * B; idx += kGemvThreads) {
+      const int rl = idx % kGemvRows;
+      const int b = idx / kGemvRows;
+      const int r = row_base + rl;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; ++w) sum += red[(w * kGemvRows + rl) * B + b];  // fixed order
+      if (r < p.M) {
+        if (ksplit == 1)
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        else
+          p.workspace[(static_cast<long long>(ks) * B + b) * p.M + r] = sum;
+      }
+    }
+    if (ksplit > 1) {
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        for (int idx = threadIdx.x; idx < kGemvRows * B; idx += kGemvThreads) {
+          const int r = row_base + idx % kGemvRows;
+          const int b = idx / kGemvRows;
+          if (r >= p.M) continue;
+          float sum = 0.f;
+          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
+            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * B + b) * p.M + r]);
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        }
+        if (threadIdx.x == 0) p.counters[rb] = 0;
+      }
+    }
+    __syncthreads();  // red and s_last are reused by the next item
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // kernel selection
 
 struct KernelInfo {
@@ -470,10 +758,99 @@ KernelInfo pick_kernel(int rate, int dtype, int B) {
 
 int table_entries(int rate) { return (rate / 2) * 512 + (rate % 2) * 256; }
 
-}  // namespace
+struct GemvInfo {
+  const void* fn;
+  int rl2;
+};
 
-int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
-                MatmulPlan* plan) {
+template <typename T, int N16, bool HAS8>
+GemvInfo gemv_info() {
+  // 8 table copies for one 16-bit stage, 4 otherwise. 128 registers (one CTA of 16 warps per
+  // SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every rate (tried; see notes). Code ring
+  // 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
+  constexpr int RL2 = N16 == 1 ? 3 : 2;
+  constexpr int MINB = 1;
+  constexpr int NB = N16 == 1 ? 4 : 2;
+  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB>), RL2};
+}
+
+template <typename T>
+GemvInfo pick_gemv_rate(int rate) {
+  switch (rate) {
+    case 2: return gemv_info<T, 1, false>();
+    case 3: return gemv_info<T, 1, true>();
+    case 4: return gemv_info<T, 2, false>();
+    case 5: return gemv_info<T, 2, true>();
+    case 6: return gemv_info<T, 3, false>();
+    case 7: return gemv_info<T, 3, true>();
+    case 8: return gemv_info<T, 4, false>();
+    default: return {nullptr, 0};
+  }
+}
+
+GemvInfo pick_gemv(int rate, int dtype) {
+  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
+}
+
+// Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
+int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
+  if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
+  const GemvInfo k = pick_gemv(rate, dtype);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  int sms = 0, smem_optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const int rep = 1 << k.rl2;
+  const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
+  if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kGemvThreads, smem);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int slots = per_sm * sms;
+  const int row_blocks = (M + kGemvRows - 1) / kGemvRows;
+  const int G = K / 8;
+  const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
+  if (ksplit <= 0) {
+    // Cost in warp steps (one slice x kGemvT row tiles): rounds of items x the busiest warp's
+    // slices, plus the per-item cross-warp reduction (~half a step) and, with splits, the
+    // workspace pass. Smallest split that reaches the best cost.
+    double best = 1e30;
+    ksplit = 1;
+    for (int s = 1; s <= std::min(n_slices, 64); ++s) {
+      const int sps = (n_slices + s - 1) / s;
+      if ((n_slices + sps - 1) / sps != s) continue;
+      const int items = row_blocks * s;
+      const int waves = (items + slots - 1) / slots;
+      const int steps = (sps + kGemvWarps - 1) / kGemvWarps;
+      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
+      if (cost < best - 1e-9) {
+        best = cost;
+        ksplit = s;
+      }
+    }
+  }
+  ksplit = std::max(1, std::min(ksplit, n_slices));
+  {
+    const int sps = (n_slices + ksplit - 1) / ksplit;
+    ksplit = (n_slices + sps - 1) / sps;
+  }
+  plan->rows_per_cta = kGemvRows;
+  plan->row_blocks = row_blocks;
+  plan->ksplit = ksplit;
+  plan->grid = std::min(row_blocks * ksplit, slots);
+  plan->rep = rep;
+  plan->smem_bytes = smem;
+  plan->kernel = kKernelGemv;
+  return cudaSuccess;
+}
+
+int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
+             MatmulPlan* plan) {
   const KernelInfo k = pick_kernel(rate, dtype, B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   int sms = 0, smem_optin = 0;
@@ -531,10 +908,35 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
   plan->grid = std::min(row_blocks * ksplit, slots);
   plan->rep = rep;
   plan->smem_bytes = smem;
+  plan->kernel = kKernelMma;
   return cudaSuccess;
 }
 
+}  // namespace
+
+int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
+                int variant, MatmulPlan* plan) {
+  if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
+  if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
+    // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
+    if (gemv_plan(B, M, K, rate, dtype, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
+    cudaGetLastError();  // clear a sticky-free error left by a failed attribute call
+  }
+  if (variant != kKernelAuto && variant != kKernelMma) return cudaErrorInvalidValue;
+  return mma_plan(B, M, K, rate, dtype, rep, ksplit, device, plan);
+}
+
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
+  if (plan.kernel == kKernelGemv) {
+    const GemvInfo k = pick_gemv(p.rate, p.dtype);
+    if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
+    void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
+                    const_cast<int*>(&plan.ksplit)};
+    cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kGemvThreads), args,
+                                       static_cast<size_t>(plan.smem_bytes), stream);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  }
   const KernelInfo k = pick_kernel(p.rate, p.dtype, p.B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   int rep_log2 = 0;

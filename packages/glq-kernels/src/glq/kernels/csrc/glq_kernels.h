@@ -14,6 +14,10 @@ constexpr int kMaxHadamardLog2 = 15;  // 32768 floats = 128 KiB of shared memory
 
 enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// Matmul kernels: kKernelAuto picks the small-batch kernel for B <= 8 (falling back to the MMA
+// kernel if it cannot be planned), the MMA kernel otherwise.
+enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2 };
+
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
   int rows_per_cta;  // rows of W one CTA handles per work item
@@ -22,6 +26,7 @@ struct MatmulPlan {
   int grid;          // persistent CTAs
   int rep;           // table copies in shared memory (1, 2, 4 or 8)
   int smem_bytes;    // dynamic shared memory per CTA
+  int kernel;        // MatmulKernel actually planned (kKernelMma or kKernelGemv)
 };
 
 struct MatmulParams {
@@ -55,8 +60,9 @@ struct HadamardParams {
 };
 
 // All return a cudaError_t (cudaSuccess == 0).
+// variant: MatmulKernel. rep > 0 (table copies of the MMA kernel) implies the MMA kernel in auto.
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
-                MatmulPlan* plan);
+                int variant, MatmulPlan* plan);
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream);
 int hadamard_run(const HadamardParams& p, cudaStream_t stream);
 
