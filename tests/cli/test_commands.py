@@ -65,9 +65,9 @@ def test_help_is_instant_and_documents_every_option():
             text = parser.format_help()
             assert action.option_strings[-1] in text
     quantize_help = " ".join(sub["quantize"].format_help().split())
-    for flag in ("--model", "--output", "--bpw", "--min-bpw", "--max-bpw", "--bpw-map", "--tune-iters", "--nsamples",
-                 "--seqlen", "--device", "--trust-remote-code", "--streaming", "--dataset", "--calibration-file",
-                 "--seed", "--resume"):
+    for flag in ("--model", "--output", "--bpw", "--min-bpw", "--max-bpw", "--bpw-map", "--tune-iters",
+                 "--finetune-epochs", "--nsamples", "--seqlen", "--device", "--trust-remote-code", "--streaming",
+                 "--dataset", "--calibration-file", "--seed", "--resume"):
         assert flag in quantize_help
     assert "(default: 128)" in quantize_help and "(default: 2048)" in quantize_help
 
@@ -213,11 +213,12 @@ def test_quantize_passes_every_option_and_prints_the_summary(q, capsys, monkeypa
                  "model.layers.1.mlp.down_proj": 4}
     summary = tmp_path / "summary.json"
     code, out, err = run([*q, "--bpw", "2.5", "--min-bpw", "2", "--max-bpw", "4", "--bpw-map", bpw_map,
-                          "--tune-iters", "3", "--seed", "7", "--streaming", "--no-resume", "--json", summary], capsys)
+                          "--tune-iters", "3", "--finetune-epochs", "2", "--seed", "7", "--streaming", "--no-resume",
+                          "--json", summary], capsys)
     assert code == 0, err
     assert seen == {"model": str(q[2]), "output_dir": str(q[4]), "bpw": 2.5, "nsamples": 2, "seqlen": 16,
                     "device": "cpu", "min_bpw": 2, "max_bpw": 4,
-                    "bpw_map": expanded, "tune_iters": 3,
+                    "bpw_map": expanded, "tune_iters": 3, "finetune_epochs": 2,
                     "streaming": True, "trust_remote_code": False, "dataset": "wikipedia", "seed": 7, "resume": False}
     assert "proxy_error" in out and "123,456" in out
     assert json.loads(summary.read_text())["bpw"] == 2.5625
@@ -240,6 +241,27 @@ def test_eval_prints_a_table_and_writes_json(tiny_model_dir, tmp_path, capsys):
     assert res["piqa"]["n"] == 2 and "acc_norm" in res["piqa"] and "acc_norm" not in res["winogrande"]
     assert report["glq"] is False and report["dtype"] == "float32"
     assert "| wikitext2" in stdout and "| arc_challenge | acc_norm" in stdout
+    assert "samples" not in res["piqa"]  # only with --log-samples
+
+
+def test_eval_log_samples_match_the_scorer(tiny_model_dir, tiny_model, tiny_tokenizer, tmp_path, capsys):
+    from glq.cli.tasks import load_task
+    from glq.cli.zeroshot import accuracy, score_items
+
+    out = tmp_path / "eval.json"
+    code, _, err = run(["eval", tiny_model_dir, "--tasks", "piqa,winogrande", "--limit", "3", "--device", "cpu",
+                        "--json", out, "--log-samples"], capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())["results"]
+    for task in ("piqa", "winogrande"):
+        items = load_task(task, 3)
+        samples = res[task]["samples"]
+        assert [s["doc_id"] for s in samples] == [0, 1, 2] and [s["gold"] for s in samples] == [i.gold for i in items]
+        lls = [s["loglikelihoods"] for s in samples]
+        expected = score_items(tiny_model, tiny_tokenizer, items)
+        assert [v for ll in lls for v in ll] == pytest.approx([v for ll in expected for v in ll], abs=1e-3)
+        assert accuracy(items, lls, with_norm=task == "piqa")["acc"] == res[task]["acc"]
+    assert_one_line_error(*run(["eval", tiny_model_dir, "--log-samples"], capsys)[::2], "needs --json")
 
 
 def test_eval_and_generate_bad_input(tiny_model_dir, tmp_path, capsys):

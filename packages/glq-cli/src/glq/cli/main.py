@@ -327,7 +327,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
         summary = quantize(path, str(out), bpw=bpw, nsamples=args.nsamples, seqlen=args.seqlen, device=device,
                            min_bpw=as_int(args.min_bpw), max_bpw=as_int(args.max_bpw), bpw_map=bpw_map,
-                           tune_iters=args.tune_iters, streaming=args.streaming,
+                           tune_iters=args.tune_iters, finetune_epochs=args.finetune_epochs,
+                           streaming=args.streaming,
                            trust_remote_code=args.trust_remote_code, dataset=source, seed=args.seed,
                            resume=args.resume)
     except ValueError as err:  # glq.quant's documented signal for a caller's mistake
@@ -379,6 +380,8 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.log_samples and not args.json:
+        raise UsageError("--log-samples needs --json (the samples are written there)")
     device = _device(args.device)
     path = _resolve_model(args.model, args.trust_remote_code)
     start = time.perf_counter()
@@ -399,12 +402,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             rows.append((task, "ppl", f"{ppl.ppl:.4f}", "", f"{ppl.windows} x {ppl.seqlen} tokens"))
         else:
             from glq.cli.tasks import TASKS, load_task
-            from glq.cli.zeroshot import evaluate_task
+            from glq.cli.zeroshot import accuracy, score_items
 
             items = load_task(task, args.limit)
-            res = evaluate_task(model, tok, items, with_norm=TASKS[task], batch_size=args.batch_size,
-                                progress=True, desc=task)
+            lls = score_items(model, tok, items, batch_size=args.batch_size, progress=True, desc=task)
+            res = accuracy(items, lls, with_norm=TASKS[task])
             results[task] = res
+            if args.log_samples:  # per-item scores, as lm-eval's --log_samples (compare_lm_eval.py reads them)
+                res["samples"] = [{"doc_id": i, "gold": it.gold, "loglikelihoods": ll}
+                                  for i, (it, ll) in enumerate(zip(items, lls, strict=True))]
             for metric in ("acc", "acc_norm"):
                 if metric in res:
                     rows.append((task, metric, f"{res[metric]:.4f}", f"{res[metric + '_stderr']:.4f}", str(res["n"])))
@@ -571,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the allocator for a fractional --bpw)")
     q.add_argument("--tune-iters", type=_nonnegative_int, default=0,
                    help="coordinate-descent refinement passes after LDLQ rounding")
+    q.add_argument("--finetune-epochs", type=_nonnegative_int, default=0,
+                   help="block fine-tuning passes over the calibration set after each block is quantized "
+                   "(sign gains, row scales and norms learn to match the unquantized block; codes fixed); 0 = off")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences")
     q.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sequence")
     cal = q.add_mutually_exclusive_group()
@@ -604,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive_int, default=32, help="zero-shot requests per forward pass")
     ev.add_argument("--json", default=None,
                    help="also write the results to this JSON file ('-' = stdout; default: none)")
+    ev.add_argument("--log-samples", action="store_true",
+                    help="with --json: also record each zero-shot item's gold index and per-choice "
+                    "log-likelihoods (default: off)")
     _add_common(ev)
     ev.set_defaults(func=_cmd_eval)
 
