@@ -285,6 +285,33 @@ def test_generate_runs(tiny_model_dir, capsys, kv_cache):
     assert "5 tokens in" in err and f"kv cache {kv_cache}" in err
 
 
+def test_cuda_graph_decoding_wiring_matches_greedy_generate(tiny_model, tiny_tokenizer):
+    """``glq generate --cuda-graph``'s decoding function, on the CPU (where CUDAGraphWrapper runs
+    every step eagerly), gives the tokens transformers' greedy ``generate`` gives."""
+    import argparse
+
+    import torch
+
+    from glq.cli.main import _generate_cuda_graph
+
+    ids = tiny_tokenizer("Question: why is the sky blue?", return_tensors="pt").input_ids
+    args = argparse.Namespace(max_new_tokens=6, temperature=1.0, top_k=0, seed=0)
+    ours = _generate_cuda_graph(tiny_model, tiny_tokenizer, ids, args, sample=False)
+    with torch.no_grad():
+        ref = tiny_model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id,
+                                  pad_token_id=tiny_tokenizer.eos_token_id)
+    n = min(ours.shape[1], ref.shape[1])
+    assert ours.shape[1] > ids.shape[1] and torch.equal(ours[:, :n], ref[:, :n])
+
+
+@pytest.mark.cuda
+def test_generate_with_cuda_graph_on_gpu(tiny_model_dir, capsys):
+    code, out, err = run(["generate", tiny_model_dir, "Question: why?", "--max-new-tokens", "5", "--device", "cuda",
+                          "--cuda-graph", "--temperature", "0.7", "--top-k", "20"], capsys)
+    assert code == 0, err
+    assert "cuda graph" in err and out.strip()
+
+
 # ----------------------------------------------------------------------------- glq info
 
 
