@@ -32,8 +32,25 @@ RATES = tuple(LAYOUT)
 # ahead of the rate below (measured in notes/lattice.md).
 BEAM = {2: 1, 3: 16, 4: 16, 5: 16, 6: 16, 7: 32, 8: 32}
 DEFAULT_BEAM = 8
+# Stage-1 candidates kept before the beam narrows (0 = the beam width). A decoded point often
+# lies outside its own stage-1 cell: of 20k decoded 3/4 bpw points, 59/349 had their stage-1
+# code outside their 16 nearest stage-1 codewords, some as deep as 92/96. At 4 bpw 64 lowers the
+# MSE 2% and the decode-encode-decode misses from 1.45% to 0.33% of rows for 2.2x the GPU encode
+# time; at 3 bpw (exact, see EXACT) 64 is the cheapest (its certificate leaves 25 second-stage
+# codewords per row to check, 65 with 32); at 5-8 bpw 64 cost 2.5-5x for ~1-2% MSE and did not
+# fix the round trips (notes/lattice.md).
+FIRST_WIDTH = {2: 0, 3: 64, 4: 64, 5: 0, 6: 0, 7: 0, 8: 0}
+# Rates whose encoder is exact nearest (the beam answer certified or completed, Codec._complete).
+EXACT = frozenset({3})
+# Sign vectors scored per candidate pattern of a 16-bit stage (stages.OrbitStage.candidates).
+# The shipped tables for rates 2-7 were trained with 1 and their scales fitted with 3; 3 missed
+# decoded points whose stage-1 code flips the 4th-6th cheapest coordinate of a pattern.
+SIGN_VARIANTS = 16
 # Rows per encode chunk: bounds the beam's (rows, beam, beam, 8) float32 working set to ~8 MiB.
 _ENC_CHUNK = 4096
+# On a GPU: fewer, larger launches; at 3-4 bpw (64 stage-1 candidates) a 16384-row chunk needs
+# about 2 GiB of temporaries.
+_ENC_CHUNK_CUDA = 16384
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +83,9 @@ class Codec:
         stages: list[OrbitStage | TableStage],
         scales: list[float],
         beam: int = DEFAULT_BEAM,
+        first_width: int = 0,
+        sign_variants: int = SIGN_VARIANTS,
+        exact: bool = False,
     ) -> None:
         if len(stages) != len(scales):
             raise ValueError(f"{len(stages)} stages but {len(scales)} scales")
@@ -74,9 +94,15 @@ class Codec:
         # float32-representable scales, so encode, decode and kernels multiply by the same number.
         self.scales = [float(torch.tensor(float(s), dtype=torch.float32)) for s in scales]
         self.beam = beam
-        # Sign vectors per pattern among 16-bit candidates: 3 ships; 1 is what the tables were
-        # trained with (generate.py reproduces them with it).
-        self.sign_variants = 3
+        self.first_width = first_width
+        # Sign vectors per pattern among 16-bit candidates (generate.py pins the searches the
+        # shipped tables were trained and fitted with to reproduce them).
+        self.sign_variants = sign_variants
+        # Exact nearest by default (certified, see _complete): only [16-bit, 8-bit] codes (3 bpw).
+        self._can_be_exact = [st.bits for st in stages] == [16, 8]
+        if exact and not self._can_be_exact:
+            raise ValueError("exact encoding needs a [16-bit, 8-bit] code (3 bpw)")
+        self.exact = exact
 
     @property
     def bits(self) -> int:
@@ -97,26 +123,35 @@ class Codec:
                 out.append(StageTable(8, None, None, st.table.clone(), sc))
         return out
 
-    def encode(self, x: torch.Tensor, beam: int | None = None) -> tuple[torch.Tensor, ...]:
+    def encode(self, x: torch.Tensor, beam: int | None = None, exact: bool | None = None) -> tuple[torch.Tensor, ...]:
         """Encode (n, 8) unit-variance vectors into per-stage codes.
 
         Returns one (n,) tensor per stage on ``x``'s device: torch.int16 (bit pattern of the
         unsigned 16-bit code) for 16-bit stages, torch.uint8 for 8-bit stages.
 
         Search: one stage (2 bpw) is exact nearest. Several stages use a joint beam search of
-        width ``beam`` (default: ``BEAM[bpw]``, 16): the ``beam`` best stage-1 codewords (the best sign choice of
-        the best patterns) are kept; at each further stage every kept path is extended by its
-        residual's ``beam`` nearest codewords (exactly nearest for 8-bit stages and for the first
-        of the 16-bit candidates) and the ``beam`` paths with least total error are kept; the
-        last stage takes each path's exact nearest codeword and the path with least total error
-        wins. The greedy path (each stage exactly nearest to the residual of the one before) is
-        always kept, so the result is never worse than greedy residual coding.
+        width ``beam`` (default: ``BEAM[bpw]``): the ``max(beam, FIRST_WIDTH[bpw])`` best
+        stage-1 codewords (the ``SIGN_VARIANTS`` best sign vectors of the best patterns) are
+        kept; at each further stage every kept path is extended by its residual's ``beam``
+        nearest codewords and the ``beam`` paths with least total error are kept; the last stage
+        takes each path's exact nearest codeword and the path with least total error wins. The
+        greedy path (each stage exactly nearest to the residual of the one before) is always
+        kept, so the result is never worse than greedy residual coding (``beam=1`` is greedy).
+        At the rates in ``EXACT`` (3 bpw) the answer is then certified or completed to the
+        exact nearest of all codes (:meth:`_complete`), so decode(encode(decode(c))) ==
+        decode(c) for every code there. ``exact=False`` skips that step (1.5x faster at 3 bpw
+        on a CPU, ~0.05% higher MSE, ~2 decoded points per 10,000 come back as other codes).
         """
         x = self._check_x(x)
         beam = self.beam if beam is None else beam
         if beam < 1:
             raise ValueError(f"beam must be >= 1 rather than {beam}")
-        codes = [torch.cat(c) for c in zip(*(self._encode_chunk(xs, beam) for xs in x.split(_ENC_CHUNK)), strict=True)]
+        exact = self.exact if exact is None else exact
+        if exact and not self._can_be_exact:
+            raise ValueError(f"exact encoding is only available at 3 bpw, not {self.bpw}")
+        chunk = _ENC_CHUNK if x.device.type == "cpu" else _ENC_CHUNK_CUDA
+        parts = [self._encode_chunk(xs, beam, exact) for xs in x.split(chunk)]
+        codes = [torch.cat(c) for c in zip(*parts, strict=True)]
         return tuple(self._store(st, c) for st, c in zip(self.stages, codes, strict=True))
 
     def decode(self, codes: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
@@ -128,13 +163,18 @@ class Codec:
         return out
 
     # -- internals ------------------------------------------------------------------------------
-    def _encode_chunk(self, x: torch.Tensor, beam: int) -> list[torch.Tensor]:
+    def _encode_chunk(self, x: torch.Tensor, beam: int, exact: bool | None = None) -> list[torch.Tensor]:
         """Beam search for one chunk (m, 8); returns one (m,) int32 code tensor per stage."""
         st0, s0 = self.stages[0], self.scales[0]
         if len(self.stages) == 1:
             return [st0.nearest(x / s0)]
         m = x.shape[0]
-        c0, _ = st0.candidates(x / s0, beam, self.sign_variants)  # (m, B)
+        first = max(beam, self.first_width) if beam > 1 else 1  # beam 1 stays plain greedy
+        certify = (self.exact if exact is None else exact) and beam > 1
+        if certify:
+            c0, _, outside = st0.candidates_bounded(x / s0, first, self.sign_variants)  # (m, B0), (m,)
+        else:
+            c0, _ = st0.candidates(x / s0, first, self.sign_variants)  # (m, B0)
         b = c0.shape[1]
         recon = s0 * st0.decode(c0.reshape(-1)).reshape(m, b, 8)  # (m, B, 8)
         paths = [c0]  # per stage (m, B) codes of the kept paths
@@ -148,8 +188,11 @@ class Codec:
             new = recon[:, :, None, :] + sc * st.decode(cj.reshape(-1)).reshape(m, b, k, 8)
             err = ((x[:, None, None, :] - new) ** 2).sum(-1).reshape(m, b * k)  # (m, B*k)
             if k == 1 and j == len(self.stages) - 1:
-                best = err.argmin(1)  # (m,)
-                return [p[rows[:, 0], best] for p in paths] + [cj.reshape(m, b)[rows[:, 0], best]]
+                e_best, best = err.min(1)  # (m,)
+                out = [p[rows[:, 0], best] for p in paths] + [cj.reshape(m, b)[rows[:, 0], best]]
+                if certify:
+                    self._complete(x, out, e_best, s0 * outside.clamp_min(0.0).sqrt())
+                return out
             # Path 0 extended by its nearest codeword is the greedy path: keep it in slot 0.
             pri = err.clone()
             pri[:, 0] = float("-inf")
@@ -159,6 +202,41 @@ class Codec:
             recon = new.reshape(m, b * k, 8)[rows, sel]  # (m, B, 8)
             b = beam
         raise AssertionError("unreachable: the last stage returns")
+
+    def _complete(self, x: torch.Tensor, out: list[torch.Tensor], e_best: torch.Tensor, dist_out: torch.Tensor):
+        """Make a two-stage search with an 8-bit second stage exact (in place on ``out``).
+
+        Any code whose stage-1 point is not among the candidates is at least ``dist_out`` from
+        ``x`` before stage 2, so with second-stage codeword t its error is at least
+        ``(dist_out - |s_2 t|)^2``. Only the t with ``|s_2 t| > dist_out - sqrt(e_best)`` can
+        beat the beam's answer; for each of those the best stage-1 point is the nearest one to
+        ``x - s_2 t``, one exact search. The result is the nearest code of all 2^24.
+        """
+        st0, s0 = self.stages[0], self.scales[0]
+        st1, s1 = self.stages[1], self.scales[1]
+        m = x.shape[0]
+        t_all = torch.arange(256, device=x.device, dtype=torch.int32)
+        t_norm = s1 * st1.decode(t_all).norm(dim=1)  # (256,)
+        # float32 slack: the bound and the errors carry rounding of order 1e-6 |x|
+        slack = 1e-4 * (1.0 + x.norm(dim=1))
+        need = t_norm[None, :] > (dist_out - e_best.sqrt() - slack)[:, None]  # (m, 256)
+        r, t = need.nonzero(as_tuple=True)
+        if r.numel() == 0:
+            return
+        t = t.to(torch.int32)
+        part = s1 * st1.decode(t)
+        a = st0.nearest((x[r] - part) / s0)
+        # same operations and order as decode(), so a decoded x is matched with error 0
+        e = ((x[r] - (s0 * st0.decode(a) + part)) ** 2).sum(1)
+        row_min = e_best.clone().scatter_reduce_(0, r, e, "amin")
+        win = (e == row_min[r]) & (e < e_best[r])
+        if not bool(win.any()):
+            return
+        pos = torch.arange(r.numel(), device=x.device)[win]
+        first = torch.full((m,), r.numel(), device=x.device, dtype=pos.dtype).scatter_reduce_(0, r[win], pos, "amin")
+        rows = (first < r.numel()).nonzero().squeeze(1)
+        out[0][rows] = a[first[rows]]
+        out[1][rows] = t[first[rows]]
 
     @staticmethod
     def _store(st: OrbitStage | TableStage, c: torch.Tensor) -> torch.Tensor:
@@ -197,10 +275,18 @@ class Codec:
             n = c.shape[0]
 
 
-def build(bpw: int, data: dict, beam: int = DEFAULT_BEAM) -> Codec:
+def build(
+    bpw: int,
+    data: dict,
+    beam: int = DEFAULT_BEAM,
+    first_width: int = 0,
+    sign_variants: int = SIGN_VARIANTS,
+    exact: bool = False,
+) -> Codec:
     """A codec from a tables dict (as stored in ``tables_v1.pt``)."""
     names = LAYOUT[bpw]
-    return Codec(bpw, [_stage(data, n) for n in names], list(data[f"scales_{bpw}"]), beam)
+    stages = [_stage(data, n) for n in names]
+    return Codec(bpw, stages, list(data[f"scales_{bpw}"]), beam, first_width, sign_variants, exact)
 
 
 @functools.cache
@@ -208,7 +294,7 @@ def codec(bpw: int) -> Codec:
     """The GLQ code at ``bpw`` bits per weight (an int in 2..8). Cached; tables load lazily."""
     if isinstance(bpw, bool) or not isinstance(bpw, int) or bpw not in LAYOUT:
         raise ValueError(f"bpw must be one of {list(RATES)} rather than {bpw!r}")
-    return build(bpw, _load(), BEAM[bpw])
+    return build(bpw, _load(), BEAM[bpw], FIRST_WIDTH[bpw], exact=bpw in EXACT)
 
 
 def gaussian_bound(bpw: float) -> float:

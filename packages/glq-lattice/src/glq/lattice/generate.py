@@ -1,13 +1,21 @@
 """Generator of the shipped GLQ lattice tables (``tables_v1.pt`` beside this file).
 
-``python -m glq.lattice.generate OUT.pt`` rebuilds them: about 8 minutes of one core for stage
-1, 22 for the residual stages and 4 for the final scale fit on the 2-core CI machine. (The
-shipped file was made in those three steps: ``--stage1`` reused a stage-1 file written by the
-first step, ``--refit-scales`` ran the last with 2 threads.) Everything is seeded: the same
-torch build on the same CPU reproduces the file; another CPU may round a few matmuls
-differently and land on tables that differ in the last fp16 digit with the same MSE to about
-three digits. Decoding always uses the shipped file, never a rebuild, so every machine decodes
-a code to the same weights.
+The shipped file is made in four steps (every step seeded; the same torch build on the same
+device reproduces it bit for bit, checked for step 4 by two runs on an H200; another CPU or
+GPU may round a few matmuls differently and land on tables that differ in the last fp16 digit
+with the same MSE to about three digits). Decoding always uses the shipped file, never a
+rebuild, so every machine decodes a code to the same weights.
+
+1. Stage 1 (``train_stage1``, about 8 minutes of one CPU core); 2. the residual stages with
+   ``--stage1`` reusing that file (about 22 minutes); 3. ``--refit-scales`` (run with 2 threads)
+   refits every rate's scales for the search of the time. ``main`` without options chains
+   these three. Rates 2, 3 and 4 ship exactly what they wrote.
+4. ``python -m glq.lattice.generate tables_v1.pt --retune-high STEP3.pt --device cuda``
+   fine-tunes the rate-5-8 stages with the shipped search (``RETUNE_PLAN``: r8_3, s3, r8_4,
+   s4, each Lloyd from its step-3 table on 600k fresh Gaussians, scales refitted on 200k):
+   4 minutes on an NVIDIA H200 (torch 2.11.0+cu130); on the 2-core CPU it would take hours.
+   Only the rate-5-8 entries change (``r8_3``, ``s3``, ``r8_4``, ``s4``, ``scales_5`` to
+   ``scales_8``); the scales of rates 2-4 are never refitted again.
 
 What is trained (all on i.i.d. unit Gaussian 8-vectors):
 
@@ -17,16 +25,20 @@ What is trained (all on i.i.d. unit Gaussian 8-vectors):
    vector to its exact nearest codeword, set each pattern to the mean of ``signs * x`` over its
    vectors.
 2. Residual stages, each trained on what it sees inside the codec that uses it, with the codec's
-   beam search (width 4) in the loop and all the codec's scales refitted by least squares every
-   iteration (10 iterations; 300k vectors for rates 3-4, 150k for 5-8):
-   ``r8_2`` (8-bit after [s1]), ``s2`` (16-bit after [s1]), ``r8_3`` (8-bit after [s1, s2]),
-   ``s3`` (16-bit after [s1, s2]), ``r8_4`` (8-bit after [s1, s2, s3]) and ``s4``
+   beam search (width 4, one sign vector per pattern) in the loop and all the codec's scales
+   refitted by least squares every iteration (10 iterations; 300k vectors for rates 3-4, 150k
+   for 5-8): ``r8_2`` (8-bit after [s1]), ``s2`` (16-bit after [s1]), ``r8_3`` (8-bit after
+   [s1, s2]), ``s3`` (16-bit after [s1, s2]), ``r8_4`` (8-bit after [s1, s2, s3]) and ``s4``
    (16-bit after [s1, s2, s3]). 16-bit stages start from the E8 patterns at scale 0.6,
    8-bit stages from 256 random residuals.
 3. All table values are rounded to float16-representable numbers (a kernel can keep them in
    half precision without changing a single decoded weight); scales are float32.
 4. Every rate's scales are refitted (least squares alternating with encoding, 40k vectors)
-   for the shipped search: ``codec.BEAM[bpw]`` and 3 sign vectors per candidate pattern.
+   for the search of the time: ``codec.BEAM[bpw]`` and 3 sign vectors per candidate pattern.
+5. Rates 5-8 only (``--retune-high``): the last stage of each is fine-tuned with the search
+   that ships now (16 sign vectors per pattern, stage-1 list as wide as the beam, beam 16 at
+   5-6 and 32 at 7-8: ``codec.SIGN_VARIANTS``, ``FIRST_WIDTH``, ``BEAM``), in the order r8_3,
+   s3 (shared by rates 6-8, which are retuned after it), r8_4, s4 (16 iterations).
 """
 
 from __future__ import annotations
@@ -37,23 +49,25 @@ import time
 
 import torch
 
-from .codec import BEAM, DEFAULT_BEAM, LAYOUT, Codec, build
+from .codec import BEAM, DEFAULT_BEAM, FIRST_WIDTH, LAYOUT, Codec, build
 from .stages import OrbitStage, TableStage
 
 VERSION = "glq-lattice-tables-v1"
 SEED = 20261127
 
 
-# The shipped tables were trained and their first scales fitted with one sign vector per
-# pattern among the 16-bit candidates (the search of the time); refit_all_scales then fitted the
-# shipped scales with the shipped search (3 per pattern). Keep 1 here to reproduce the file.
+# Steps 1-3 of the recipe use the searches of their time, pinned here to reproduce the file: the
+# residual stages were trained and their first scales fitted with one sign vector per pattern
+# among the 16-bit candidates, refit_all_scales fitted the scales with 3 and a stage-1 list as
+# wide as the beam. Step 4 (retune_last_stage) uses the search that ships (codec.SIGN_VARIANTS).
 TRAIN_SIGN_VARIANTS = 1
 
 
+FIT_SIGN_VARIANTS = 3
+
+
 def _codec(bpw: int, stages: list, scales: list[float], beam: int, variants: int = TRAIN_SIGN_VARIANTS) -> Codec:
-    c = Codec(bpw, stages, scales, beam)
-    c.sign_variants = variants
-    return c
+    return Codec(bpw, stages, scales, beam, first_width=0, sign_variants=variants)
 
 
 def e8_init() -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +121,7 @@ def fp16_round(t: torch.Tensor) -> torch.Tensor:
 
 def encode_int(c: Codec, x: torch.Tensor) -> list[torch.Tensor]:
     """Per-stage int32 codes of ``x`` under codec ``c`` (its beam search), without storing."""
-    parts = [c._encode_chunk(xs, c.beam) for xs in x.split(4096)]
+    parts = [c._encode_chunk(xs, c.beam) for xs in x.split(4096 if x.device.type == "cpu" else 16384)]
     return [torch.cat(p) for p in zip(*parts, strict=True)]
 
 
@@ -128,7 +142,7 @@ def fit_scales(c: Codec, x: torch.Tensor, iters: int = 3) -> Codec:
     """Alternate encoding and least-squares scales (each step lowers the error)."""
     for _ in range(iters):
         codes = encode_int(c, x)
-        c = _codec(c.bpw, c.stages, ls_scales(x, stage_values(c, codes)), c.beam, c.sign_variants)
+        c = Codec(c.bpw, c.stages, ls_scales(x, stage_values(c, codes)), c.beam, c.first_width, c.sign_variants)
     return c
 
 
@@ -226,10 +240,72 @@ def refit_all_scales(src: str, dst: str, log=print, n: int = 40_000) -> None:
     data = torch.load(src, weights_only=True)
     xfit = gaussian(n, SEED + 3)
     for bpw in LAYOUT:
-        c = fit_scales(build(bpw, data, BEAM[bpw]), xfit, iters=2)
+        c = fit_scales(build(bpw, data, BEAM[bpw], 0, FIT_SIGN_VARIANTS), xfit, iters=2)
         data[f"scales_{bpw}"] = torch.tensor(c.scales, dtype=torch.float32)
         log(f"rate {bpw}: beam {BEAM[bpw]} scales {c.scales} fit-set mse {mse(c, xfit):.6g}")
         torch.save(data, dst)
+
+
+# (rate, Lloyd iterations) of the --retune-high step, in order: r8_3, s3 (shared with rates 7-8,
+# which are retuned after it), r8_4, s4.
+RETUNE_PLAN = ((5, 8), (6, 8), (7, 8), (8, 16))
+
+
+def retune_last_stage(
+    data: dict,
+    bpw: int,
+    log=print,
+    n: int = 600_000,
+    iters: int = 8,
+    n_fit: int = 200_000,
+    device: str = "cpu",
+) -> dict:
+    """Fine-tune the last stage of rate ``bpw`` with the shipped search, then refit that rate's
+    scales; returns ``data`` with those entries replaced. A table shared with higher rates
+    (``s3``) changes them too: retune those afterwards (``RETUNE_PLAN`` does).
+
+    Lloyd from the shipped table: encode ``n`` fresh Gaussians with the whole codec as it ships
+    (``BEAM[bpw]``, ``SIGN_VARIANTS`` sign vectors, ``FIRST_WIDTH[bpw]``) on ``device``, move each
+    codeword of the last stage to the mean of what it was chosen for (summed on the CPU, in a
+    fixed order), refit the scales by least squares (float64).
+    """
+    name = LAYOUT[bpw][-1]
+    if any(name in LAYOUT[r] for r in LAYOUT if r < bpw):
+        raise ValueError(f"{name} is used by a lower rate; retuning it would change that rate")
+    x = gaussian(n, SEED + 10 + bpw)
+    xd = x.to(device)
+    c = build(bpw, data, BEAM[bpw], FIRST_WIDTH[bpw])
+    for it in range(iters):
+        codes = [cc.cpu() for cc in encode_int(c, xd)]
+        vals = stage_values(c, codes)
+        rest = sum(s * v for s, v in zip(c.scales[:-1], vals[:-1], strict=True))
+        target = (x - rest) / c.scales[-1]
+        last = c.stages[-1]
+        if isinstance(last, TableStage):
+            cc = codes[-1].long()
+            cnt = torch.bincount(cc, minlength=256).to(torch.float32)
+            tot = torch.zeros(256, 8).index_add_(0, cc, target)
+            last = TableStage(torch.where(cnt[:, None] > 0, tot / cnt.clamp_min(1.0)[:, None], last.table))
+        else:
+            last = OrbitStage(lloyd_orbit_update(last, target, codes[-1]), last.parity)
+        vals[-1] = last.decode(codes[-1])
+        c = Codec(bpw, [*c.stages[:-1], last], ls_scales(x, vals), c.beam, c.first_width, c.sign_variants)
+        err = ((x - sum(s * v for s, v in zip(c.scales, vals, strict=True))) ** 2).mean()
+        log(f"{name} retune it {it}: train mse {err.item():.6g} scales {[round(s, 4) for s in c.scales]}")
+    last = c.stages[-1]
+    if isinstance(last, TableStage):
+        data[f"{name}_table"] = fp16_round(last.table)
+    else:
+        data[f"{name}_abs"] = fp16_round(last.abs)
+    data[f"scales_{bpw}"] = torch.tensor(c.scales, dtype=torch.float32)
+    xfit = gaussian(n_fit, SEED + 20 + bpw)
+    c = build(bpw, data, BEAM[bpw], FIRST_WIDTH[bpw])
+    for _ in range(2):  # alternate encoding and least-squares scales, as fit_scales does
+        codes = [cc.cpu() for cc in encode_int(c, xfit.to(device))]
+        c = Codec(bpw, c.stages, ls_scales(xfit, stage_values(c, codes)), c.beam, c.first_width, c.sign_variants)
+    data[f"scales_{bpw}"] = torch.tensor(c.scales, dtype=torch.float32)
+    log(f"rate {bpw}: scales {c.scales}")
+    return data
 
 
 def main() -> None:
@@ -245,6 +321,12 @@ def main() -> None:
     ap.add_argument(
         "--refit-scales", metavar="TABLES", help="only refit every rate's scales in TABLES with its BEAM and write OUT"
     )
+    ap.add_argument(
+        "--retune-high",
+        metavar="TABLES",
+        help="only fine-tune the last stages of rates 5-8 in TABLES (RETUNE_PLAN) and refit their scales; write OUT",
+    )
+    ap.add_argument("--device", default="cpu", help="device of the encoder in --retune-high (cpu or cuda)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -254,6 +336,13 @@ def main() -> None:
 
     if args.refit_scales:
         refit_all_scales(args.refit_scales, args.out, log)
+        return
+    if args.retune_high:
+        data = torch.load(args.retune_high, weights_only=True)
+        for bpw, iters in RETUNE_PLAN:
+            data = retune_last_stage(data, bpw, log, iters=iters, device=args.device)
+        torch.save(data, args.out)
+        log(f"wrote {args.out}")
         return
     if args.stage1:
         d = torch.load(args.stage1, weights_only=True)
