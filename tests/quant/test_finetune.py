@@ -10,19 +10,10 @@ import torch
 from safetensors import safe_open
 
 from glq.hf.config import GLQFormat
-from glq.quant import pipeline, quantize
+from glq.quant import quantize
 from glq.quant.pipeline import quantize_with_model
 
 TINY = {"nsamples": 8, "seqlen": 32, "dataset": "c4", "progress": False}
-
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118
-                out[k] = st.get_tensor(k)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def test_tuning_lowers_the_held_out_block_error(tuned):
     assert any(s["loss_after"] < s["loss_before"] for s in stats)
 
 
-def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path):
+def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path, folder_tensors):
     from transformers import AutoModelForCausalLM
 
     import glq.hf  # noqa: F401
@@ -53,7 +44,7 @@ def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path):
     fmt = GLQFormat.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
     tuned_blocks = {n.split(".")[2] for n, s in fmt.layers.items() if s.signs_dtype == "float16"}
     assert "1" in tuned_blocks  # block 0 may keep int8 signs (see above); block 1 improved
-    tensors = _tensors(out)
+    tensors = folder_tensors(out)
     s_in = tensors["model.layers.1.mlp.down_proj.signs_in"]
     assert s_in.dtype == torch.float16 and len(s_in.unique()) > 2  # gains, not bare signs
     norm = "model.layers.1.input_layernorm.weight"
@@ -69,25 +60,16 @@ def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path):
     assert float((a - b).norm() / b.norm()) < 1e-4
 
 
-def test_resume_with_tuning_gives_the_same_folder(tiny_llama_path, tmp_path, monkeypatch, tuned):
+def test_resume_with_tuning_gives_the_same_folder(tiny_llama_path, tmp_path, crash_on_second_block, tuned,
+                                                  folder_tensors):
     out = tmp_path / "glq"
-    real = pipeline._quantize_block
-    calls = {"n": 0}
-
-    def crash_on_second_block(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_quantize_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=2, **TINY)
-    monkeypatch.setattr(pipeline, "_quantize_block", real)
+    crash_on_second_block()  # restore
     with pytest.raises(ValueError, match="other arguments"):
         quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=1, **TINY)
     quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=2, **TINY)
-    resumed, fresh = _tensors(out), _tensors(tuned[0])
+    resumed, fresh = folder_tensors(out), folder_tensors(tuned[0])
     assert resumed.keys() == fresh.keys()
     for k in fresh:
         assert torch.equal(resumed[k], fresh[k]), k

@@ -6,21 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from glq.hf.config import GLQFormat, stage_bits
 from glq.quant import pipeline, quantize
 
 TINY = {"nsamples": 4, "seqlen": 32, "dataset": "c4", "progress": False}
-
-
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118
-                out[k] = st.get_tensor(k)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +20,12 @@ def tiny_2bpw(tiny_llama_path, tmp_path_factory):
     return out, summary
 
 
-def test_folder_holds_codes_at_their_true_width(tiny_2bpw, tiny_llama_path):
+def test_folder_holds_codes_at_their_true_width(tiny_2bpw, tiny_llama_path, folder_tensors):
     out, summary = tiny_2bpw
     cfg = json.loads((out / "config.json").read_text())
     fmt = GLQFormat.from_dict(cfg["quantization_config"])
     assert len(fmt.layers) == 2 * 7 and fmt.rates == (2,)
-    tensors = _tensors(out)
+    tensors = folder_tensors(out)
     for name, spec in fmt.layers.items():
         # No dense copy of a quantized weight (one layer carries glq.hf's empty guard tensor).
         assert tensors.get(f"{name}.weight", torch.empty(0)).numel() == 0
@@ -55,10 +45,10 @@ def test_folder_holds_codes_at_their_true_width(tiny_2bpw, tiny_llama_path):
 
 
 @pytest.mark.parametrize("bpw", [3, 4])
-def test_odd_and_even_rates_store_their_stages(tiny_llama_path, tmp_path, bpw):
+def test_odd_and_even_rates_store_their_stages(tiny_llama_path, tmp_path, bpw, folder_tensors):
     out = tmp_path / "glq"
     summary = quantize(str(tiny_llama_path), out, bpw=bpw, **TINY)
-    tensors = _tensors(out)
+    tensors = folder_tensors(out)
     name = "model.layers.1.mlp.down_proj"
     widths = [tensors[f"{name}.codes_{s}"].element_size() * 8 for s in range(len(stage_bits(bpw)))]
     assert widths == list(stage_bits(bpw))
@@ -75,35 +65,26 @@ def test_quantization_error_shrinks_with_rate(tiny_llama_path, tmp_path):
     assert sqnr[2] > 7, sqnr
 
 
-def test_resume_after_a_crash_gives_the_same_folder(tiny_llama_path, tmp_path, monkeypatch, tiny_2bpw):
+def test_resume_after_a_crash_gives_the_same_folder(tiny_llama_path, tmp_path, crash_on_second_block, tiny_2bpw,
+                                                     folder_tensors):
     out = tmp_path / "glq"
-    real = pipeline._quantize_block
-    calls = {"n": 0}
-
-    def crash_on_second_block(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as Ctrl-C would
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_quantize_block", crash_on_second_block)
     with pytest.raises(KeyboardInterrupt):
         quantize(str(tiny_llama_path), out, bpw=2, **TINY)
     assert json.loads((out / pipeline.PARTIAL / "state.json").read_text())["blocks"] == 1
-    monkeypatch.setattr(pipeline, "_quantize_block", real)
+    crash_on_second_block()  # restore
     with pytest.raises(ValueError, match="other arguments"):
         quantize(str(tiny_llama_path), out, bpw=3, **TINY)
     quantize(str(tiny_llama_path), out, bpw=2, **TINY)
-    resumed, fresh = _tensors(out), _tensors(tiny_2bpw[0])
+    resumed, fresh = folder_tensors(out), folder_tensors(tiny_2bpw[0])
     assert resumed.keys() == fresh.keys()
     for k in fresh:
         assert torch.equal(resumed[k], fresh[k]), k
 
 
-def test_streaming_gives_the_same_folder(tiny_llama_path, tmp_path, tiny_2bpw):
+def test_streaming_gives_the_same_folder(tiny_llama_path, tmp_path, tiny_2bpw, folder_tensors):
     out = tmp_path / "glq"
     quantize(str(tiny_llama_path), out, bpw=2, streaming=True, **TINY)
-    streamed, fresh = _tensors(out), _tensors(tiny_2bpw[0])
+    streamed, fresh = folder_tensors(out), folder_tensors(tiny_2bpw[0])
     assert streamed.keys() == fresh.keys()
     for k in fresh:
         assert torch.equal(streamed[k], fresh[k]), k
@@ -145,7 +126,7 @@ def test_output_folder_that_is_not_a_run_is_refused(tiny_llama_path, tmp_path):
         quantize(str(tiny_llama_path), out, bpw=2, **TINY)
 
 
-def test_unquantized_tensors_keep_the_checkpoint_dtype(tiny_llama_path, tmp_path):
+def test_unquantized_tensors_keep_the_checkpoint_dtype(tiny_llama_path, tmp_path, folder_tensors):
     """A bf16 checkpoint quantized on the CPU (computed in float32) is written back in bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +135,7 @@ def test_unquantized_tensors_keep_the_checkpoint_dtype(tiny_llama_path, tmp_path
     AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(src)
     out = tmp_path / "glq"
     quantize(str(src), out, bpw=2, **TINY)
-    tensors = _tensors(out)
+    tensors = folder_tensors(out)
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.0.mlp.up_proj.row_scale"].dtype == torch.float32
