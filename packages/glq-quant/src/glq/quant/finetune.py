@@ -83,13 +83,17 @@ class _TunedLinear(nn.Module):
 
 
 def _block_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, idx) -> torch.Tensor:
-    """Mean over sequences of ‖block(x) − target‖² / ‖target‖² (a scale-free relative error)."""
+    """Mean over tokens of ‖block(x) − target‖² / ‖target‖², each token relative to itself.
+
+    Per token because the next block sees each token through an RMSNorm: the few tokens with
+    massive activations (often the first) would otherwise outweigh all the others. On SmolLM2 at
+    2 bpw (CPU protocol, 2 epochs) it beat one relative error per sequence: ppl 79.6 vs 80.4."""
     total = x.new_zeros((), dtype=torch.float32)
     for i in idx:
         out = block(x[i : i + 1].float(), **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         t = target[i : i + 1].float()
-        total = total + (out.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+        total = total + ((out.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-30)).mean()
     return total / max(len(idx), 1)
 
 

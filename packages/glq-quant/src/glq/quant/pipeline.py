@@ -240,11 +240,14 @@ def _iter(items, desc: str, progress: bool):
 
 def _quantize_block(block: nn.Module, prefix: str, calib: _Calibration, rates: dict[str, int], plan: _Plan,
                     groups: list[list[str]]) -> dict[str, QuantizedLayer]:
-    hessians = calib.hessians(block, groups)
     linears = arch.block_linears(block)
     done: dict[str, QuantizedLayer] = {}
     for group in groups:
-        h = hessians[group[0]]
+        # True-sequential: a group's Hessian comes from inputs computed with the groups before it
+        # already quantized (o_proj sees quantized q/k/v), as GPTQ's option of that name. One
+        # block forward per group instead of one per block; on SmolLM2 at 2 bpw (CPU protocol)
+        # it took the 4-window perplexity from 90.12 to 89.15.
+        h = calib.hessians(block, [group])[group[0]]
         for rel in group:
             full = f"{prefix}.{rel}"
             lin = linears[rel]
