@@ -18,7 +18,6 @@ does not improve keeps its untuned values.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,8 +26,6 @@ from torch import nn
 
 from glq.quant import arch, rht
 from glq.quant.layer import QuantizedLayer
-
-log = logging.getLogger("glq.quant")
 
 
 @dataclass(frozen=True)
