@@ -2,7 +2,8 @@
 # One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
 # time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
 #   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
-# Steps: hf mem kvbench decode kernels kbench ncu (default: hf mem kvbench decode kernels).
+# Steps: hf mem kvbench decode kernels kbench ncu quality (default: hf mem kvbench decode kernels).
+# quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the GGUF onto the machine).
 set -uo pipefail
 out="${OUT:-out}"; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
@@ -24,5 +25,7 @@ for s in "${steps[@]}"; do case $s in
   ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
         python3 scripts/ncu_matmul.py ;;
+  quality) step quality 590 python3 packages/glq-quant/benchmarks/quality.py --device cuda --rates 2 3 \
+        --finetune-epochs 2 0 --out "$out/quality.json" ;;
   *) echo "unknown step $s" | tee -a "$out/summary.txt" ;;
 esac; done
