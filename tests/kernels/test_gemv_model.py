@@ -128,7 +128,8 @@ def gemv_model(x: torch.Tensor, codes, tables, row_scale, ksplit: int) -> torch.
                 for sl in range(s_first + warp, s_stop, W):
                     for rt in range(T):
                         for i in range(4):
-                            afr, bfr = [], []
+                            # one decode per lane feeds both MMAs: elements 0..3, then 4..7
+                            afr, bfr, afr2, bfr2 = [], [], [], []
                             for lane in range(32):
                                 g, t = lane // 4, lane % 4
                                 j = sl * SLICE + 4 * t + i
@@ -141,25 +142,12 @@ def gemv_model(x: torch.Tensor, codes, tables, row_scale, ksplit: int) -> torch.
                                     c8 = (int(cs[n16][r, j]) if ok else 0) if len(bits) > n16 else None
                                     ws_.append(_decode(smem, bits, rl2, lane, c16, c8, dt).astype(np.float64))
                                 wa, wb = ws_
+                                xd = xv.astype(np.float64)
                                 afr.append((wa[0:2], wb[0:2], wa[2:4], wb[2:4]))
-                                bfr.append((xv[0:2].astype(np.float64), xv[2:4].astype(np.float64)))
-                            _mma(acc[rt], afr, bfr)
-                            # second MMA: elements 4..7 (rebuild from the same decodes)
-                            afr2, bfr2 = [], []
-                            for lane in range(32):
-                                g, t = lane // 4, lane % 4
-                                j = sl * SLICE + 4 * t + i
-                                xv = xs[min(g, bsz - 1), 8 * j : 8 * j + 8] if j < g_n else np.zeros(8, dt)
-                                ws_ = []
-                                for h in range(2):
-                                    r = row_base + 16 * rt + g + 8 * h
-                                    ok = r < m and j < g_n
-                                    c16 = [int(cs[s][r, j]) if ok else 0 for s in range(n16)]
-                                    c8 = (int(cs[n16][r, j]) if ok else 0) if len(bits) > n16 else None
-                                    ws_.append(_decode(smem, bits, rl2, lane, c16, c8, dt).astype(np.float64))
-                                wa, wb = ws_
+                                bfr.append((xd[0:2], xd[2:4]))
                                 afr2.append((wa[4:6], wb[4:6], wa[6:8], wb[6:8]))
-                                bfr2.append((xv[4:6].astype(np.float64), xv[6:8].astype(np.float64)))
+                                bfr2.append((xd[4:6], xd[6:8]))
+                            _mma(acc[rt], afr, bfr)
                             _mma(acc[rt], afr2, bfr2)
                 for rt in range(T):
                     for lane in range(32):
