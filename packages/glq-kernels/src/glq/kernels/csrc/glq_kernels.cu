@@ -792,23 +792,35 @@ GemvInfo pick_gemv(int rate, int dtype) {
   return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
 }
 
+// CTAs of `fn` resident per SM with `smem` bytes of dynamic shared memory (which this also
+// allows for `fn`), and the SM count: what both planners size their grids from.
+cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* per_sm, int* sms) {
+  int smem_optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, fn, threads, smem);
+}
+
+// The split count actually realised when `n` units are dealt out `ceil(n / s)` per split.
+int realised_split(int n, int s) {
+  const int per = (n + s - 1) / s;
+  return (n + per - 1) / per;
+}
+
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const GemvInfo k = pick_gemv(rate, dtype);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  int sms = 0, smem_optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
   const int rep = 1 << k.rl2;
   const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
-  if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
-  err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kGemvThreads, smem);
+  int per_sm = 0, sms = 0;
+  const cudaError_t err = occupancy(k.fn, kGemvThreads, smem, device, &per_sm, &sms);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
   const int slots = per_sm * sms;
@@ -822,8 +834,8 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, 
     double best = 1e30;
     ksplit = 1;
     for (int s = 1; s <= std::min(n_slices, 64); ++s) {
+      if (realised_split(n_slices, s) != s) continue;
       const int sps = (n_slices + s - 1) / s;
-      if ((n_slices + sps - 1) / sps != s) continue;
       const int items = row_blocks * s;
       const int waves = (items + slots - 1) / slots;
       const int steps = (sps + kGemvWarps - 1) / kGemvWarps;
@@ -834,11 +846,7 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, 
       }
     }
   }
-  ksplit = std::max(1, std::min(ksplit, n_slices));
-  {
-    const int sps = (n_slices + ksplit - 1) / ksplit;
-    ksplit = (n_slices + sps - 1) / sps;
-  }
+  ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
   plan->rows_per_cta = kGemvRows;
   plan->row_blocks = row_blocks;
   plan->ksplit = ksplit;
@@ -853,11 +861,6 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
              MatmulPlan* plan) {
   const KernelInfo k = pick_kernel(rate, dtype, B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  int sms = 0, smem_optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
   const int entries = table_entries(rate);
   if (rep <= 0) {
     // 8 copies make lookups conflict-free, but two CTAs (16 warps) per SM matter more for
@@ -867,11 +870,8 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
   }
   if (rep != 1 && rep != 2 && rep != 4 && rep != 8) return cudaErrorInvalidValue;
   const int smem = entries * 16 * rep;
-  if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
-  err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kThreads, smem);
+  int per_sm = 0, sms = 0;
+  const cudaError_t err = occupancy(k.fn, kThreads, smem, device, &per_sm, &sms);
   if (err != cudaSuccess) return err;
   per_sm = std::max(per_sm, 1);
   const int slots = per_sm * sms;
@@ -885,9 +885,8 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
     double best = 1e30;
     ksplit = 1;
     for (int s = 1; s <= std::min(n_chunks, 64); ++s) {
+      if (realised_split(n_chunks, s) != s) continue;
       const int cps = (n_chunks + s - 1) / s;
-      const int s_eff = (n_chunks + cps - 1) / cps;
-      if (s_eff != s) continue;
       const int items = row_blocks * s;
       const int waves = (items + slots - 1) / slots;
       const double cost = waves * (cps + 1.0) + (s > 1 ? 0.25 + 0.02 * s * B : 0.0);
@@ -897,11 +896,7 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
       }
     }
   }
-  ksplit = std::min(ksplit, n_chunks);
-  {
-    const int cps = (n_chunks + ksplit - 1) / ksplit;
-    ksplit = (n_chunks + cps - 1) / cps;
-  }
+  ksplit = realised_split(n_chunks, std::min(ksplit, n_chunks));
   plan->rows_per_cta = rows_per_cta;
   plan->row_blocks = row_blocks;
   plan->ksplit = ksplit;
