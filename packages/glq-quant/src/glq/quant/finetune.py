@@ -48,7 +48,7 @@ class _TunedLinear(nn.Module):
         code = codec(spec.bpw)
         qn = code.decode(tuple(c.reshape(-1).to(device) for c in q.codes)).reshape(out_f, in_f)
         # W̃ · H_in is fixed: one input-side transform now instead of one per step.
-        self.register_buffer("qh", rht._fwht_rows(qn.to(device, torch.float32), spec.in_blocks))
+        self.register_buffer("qh", rht.fwht_rows(qn.to(device, torch.float32), spec.in_blocks))
         self.register_buffer("row_scale", q.row_scale.to(device, torch.float32))
         self.register_buffer("s_in", q.signs_in.to(device, torch.float32))
         self.register_buffer("s_out", q.signs_out.to(device, torch.float32))
@@ -66,7 +66,7 @@ class _TunedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         s_in, s_out = self.signs()
         w = self.qh * (self.row_scale * self.g_r)[:, None] * s_in  # diag(r) W̃ H_in diag(s_in)
-        return rht._fwht_rows(w.T, self.spec.out_blocks).T * s_out[:, None]
+        return rht.fwht_rows(w.T, self.spec.out_blocks).T * s_out[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -105,9 +105,7 @@ def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x
     train, val = list(range(n - n_val)), list(range(n - n_val, n)) or list(range(n))
     device = x.device
     dtype = next(p.dtype for p in block.parameters() if p.is_floating_point())
-    kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else
-                  tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in v)
-                  if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    kwargs = {k: _float32(v) for k, v in kwargs.items()}  # the block runs in float32 while tuning
 
     linears = arch.block_linears(block)
     tuned: dict[str, _TunedLinear] = {}
@@ -162,6 +160,13 @@ def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x
     for p in block.parameters():
         p.requires_grad_(False)
     return {"loss_before": before, "loss_after": best, "steps": steps}
+
+
+def _float32(v):
+    """``v`` with its floating-point tensors (also inside tuples, e.g. rotary cos/sin) in float32."""
+    if isinstance(v, tuple):
+        return tuple(_float32(t) for t in v)
+    return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

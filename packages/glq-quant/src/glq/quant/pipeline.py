@@ -31,7 +31,7 @@ REPORT_FILE = "glq_report.json"
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's input has been seen."""
+    """Raised by a capture hook once it has what it needs, to cut a forward short."""
 
 
 @dataclass(frozen=True)
@@ -171,13 +171,16 @@ class _Calibration:
                 prod = (x.T @ x).to(torch.float64)
                 acc[name] = acc[name] + prod if name in acc else prod
                 count[name] = count.get(name, 0) + x.shape[0]
+                if len(groups) == 1:
+                    raise _StopForward  # the rest of the block's forward is not needed
             return fn
 
         handles = [linears[g[0]].register_forward_pre_hook(hook(g[0])) for g in groups]
         try:
             with torch.no_grad():
                 for i in range(self.x.shape[0]):
-                    block(self.x[i : i + 1], **self.kwargs)
+                    with contextlib.suppress(_StopForward):
+                        block(self.x[i : i + 1], **self.kwargs)
         finally:
             for h in handles:
                 h.remove()
