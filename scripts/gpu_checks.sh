@@ -2,30 +2,42 @@
 # One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
 # time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
 #   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
-# Steps: hf mem kvbench decode kernels kbench ncu quality (default: hf mem kvbench decode kernels).
-# quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the GGUF onto the machine).
+# Steps: hf mem kvbench decode kernels gemv kbench ncu quality lattice cli (default: hf mem kvbench decode
+# kernels). gemv runs the kernel suite with the small-batch kernel switched on (GLQ_KERNELS_GEMV=1); when
+# it passes, later steps keep it on. quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
+# GGUF onto the machine). GLQ_GPU_BUDGET (seconds, default 580) caps the whole call: each step gets at
+# most what is left, so the device's per-call limit never cuts a step off without its log.
 set -uo pipefail
+budget=${GLQ_GPU_BUDGET:-580}
 out="${OUT:-out}"; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$out/device.txt" 2>&1
 step() {  # name seconds command...
   local name=$1 limit=$2; shift 2
+  local left=$((budget - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "$name skipped: out of budget" | tee -a "$out/summary.txt"; return 1; fi
   local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1; local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
+  return $rc
 }
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(hf mem kvbench decode kernels)
 for s in "${steps[@]}"; do case $s in
   hf) step hf 150 python3 -m pytest -q -p no:cacheprovider tests/hf -m cuda ;;
   kernels) step kernels 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda ;;
+  gemv) GLQ_KERNELS_GEMV=1 step gemv 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k "not triton" \
+        && export GLQ_KERNELS_GEMV=1 ;;
+  lattice) step lattice 150 python3 -m pytest -q -p no:cacheprovider tests/lattice -m cuda ;;
+  cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
   mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
   decode) step decode 200 python3 packages/glq-hf/benchmarks/bench_decode.py --json "$out/decode.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;
-  kbench) step kbench 240 python3 -m glq.kernels.benchmark --quick --out "$out/kbench.md" ;;
+  kbench) step kbench 240 python3 -m glq.kernels.benchmark ${GLQ_KBENCH_ARGS:---quick} --out "$out/kbench.md" ;;
   ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
         python3 scripts/ncu_matmul.py ;;
-  quality) step quality 590 python3 packages/glq-quant/benchmarks/quality.py --device cuda --rates 2 3 \
-        --finetune-epochs 2 0 --out "$out/quality.json" ;;
+  quality) step quality 590 python3 packages/glq-quant/benchmarks/quality.py --device cuda \
+        ${GLQ_QUALITY_ARGS:---rates 2 3 --finetune-epochs 2 0} --out "$out/quality.json" ;;
   *) echo "unknown step $s" | tee -a "$out/summary.txt" ;;
 esac; done
