@@ -2,9 +2,9 @@
 # One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
 # time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
 #   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
-# Steps: hf mem kvbench decode kernels gemv kbench ncu quality lattice cli (default: hf mem kvbench decode
-# kernels). gemv runs the kernel suite with the small-batch kernel switched on (GLQ_KERNELS_GEMV=1); when
-# it passes, later steps keep it on. quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
+# Steps: hf mem kvbench decode compile kernels triton kbench ncu quality lattice cli (default: hf mem kvbench decode
+# kernels). kernels leaves out the Triton cases (they compile per configuration, minutes); triton runs
+# only those. quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
 # GGUF onto the machine). GLQ_GPU_BUDGET (seconds, default 580) caps the whole call: each step gets at
 # most what is left, so the device's per-call limit never cuts a step off without its log.
 set -uo pipefail
@@ -25,13 +25,14 @@ step() {  # name seconds command...
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(hf mem kvbench decode kernels)
 for s in "${steps[@]}"; do case $s in
   hf) step hf 150 python3 -m pytest -q -p no:cacheprovider tests/hf -m cuda ;;
-  kernels) step kernels 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda ;;
-  gemv) GLQ_KERNELS_GEMV=1 step gemv 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k "not triton" \
-        && export GLQ_KERNELS_GEMV=1 ;;
+  kernels) step kernels 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k "not triton" ;;
+  triton) step triton 300 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k triton ;;
   lattice) step lattice 150 python3 -m pytest -q -p no:cacheprovider tests/lattice -m cuda ;;
   cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
   mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
-  decode) step decode 200 python3 packages/glq-hf/benchmarks/bench_decode.py --json "$out/decode.json" ;;
+  decode) step decode 200 python3 packages/glq-hf/benchmarks/bench_decode.py --no-compile --json "$out/decode.json" ;;
+  compile) step compile 400 python3 packages/glq-hf/benchmarks/bench_decode.py --compile-only --rates 2 \
+        --json "$out/compile.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;
   kbench) step kbench 240 python3 -m glq.kernels.benchmark ${GLQ_KBENCH_ARGS:---quick} --out "$out/kbench.md" ;;
   ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \

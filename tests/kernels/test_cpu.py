@@ -10,6 +10,7 @@ import subprocess
 import sys
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,60 @@ def test_hadamard_reference_and_butterfly_agree(n, blocks):
     assert math.isclose(float(ref.norm()), float(x.double().norm()), rel_tol=1e-6)
 
 
+def _fwht_levels(v: np.ndarray) -> np.ndarray:
+    """v1's order (csrc fwht_kernel): level h = 1, 2, 4, ..., the sum at the lower index, float32."""
+    v = v.copy()
+    h = 1
+    while h < v.size:
+        w = v.reshape(-1, 2, h)
+        a, b = w[:, 0].copy(), w[:, 1].copy()
+        w[:, 0], w[:, 1] = a + b, a - b
+        h *= 2
+    return v
+
+
+def _fwht_radix16_model(v: np.ndarray) -> np.ndarray:
+    """csrc fwht_radix16_kernel's schedule replayed item by item: passes over index bits
+    [lo, lo + b), each thread item reading, transforming and writing back its 2^b values.
+    Shared memory is modelled as an array indexed through the kernel's padding."""
+    n = v.size
+    lg = n.bit_length() - 1
+    buf = np.full(n + (n >> 5) + 1, np.nan, dtype=np.float32)
+    out = np.full(n, np.nan, dtype=np.float32)
+    passes = (lg + 3) // 4
+    for p in range(passes):
+        lo = p * lg // passes
+        b = (p + 1) * lg // passes - lo
+        m = 1 << b
+        for it in range(n >> b):
+            base = ((it >> lo) << (lo + b)) | (it & ((1 << lo) - 1))
+            idx = [base + (e << lo) for e in range(m)]
+            r = np.array([v[i] if p == 0 else buf[i + (i >> 5)] for i in idx], dtype=np.float32)
+            h = 1
+            while h < m:
+                for e in range(m):
+                    if e & h == 0:
+                        r[e], r[e + h] = r[e] + r[e + h], r[e] - r[e + h]
+                h *= 2
+            for e, i in enumerate(idx):
+                if p == passes - 1:
+                    out[i] = r[e]
+                else:
+                    buf[i + (i >> 5)] = r[e]
+    assert len({i + (i >> 5) for i in range(n)}) == n  # the padding never aliases two values
+    return out
+
+
+@pytest.mark.parametrize("lg", [1, 2, 3, 4, 5, 7, 9, 12, 13])
+def test_fwht_radix16_schedule_is_the_level_order(lg):
+    """The radix-16 kernel's pass/bit bookkeeping gives v1's butterflies in v1's order: the same
+    float32 result bit for bit (so the two CUDA kernels agree exactly, as the GPU test checks)."""
+    v = np.random.default_rng(lg).standard_normal(1 << lg).astype(np.float32)
+    assert np.array_equal(_fwht_radix16_model(v), _fwht_levels(v))
+    ref = hadamard_butterfly(torch.from_numpy(v)[None], [v.size])[0] * math.sqrt(v.size)
+    assert rel_error(torch.from_numpy(_fwht_levels(v)), ref) < 1e-6
+
+
 def test_hadamard_low_precision_within_twice_pytorch_error():
     x = torch.randn(4, 960).half()
     ref = hadamard_reference(x.double(), default_blocks(960))
@@ -297,3 +352,4 @@ def test_cuda_sources_compile(tmp_path):
     ptx = out.read_text()
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "glq_gemv_kernel" in ptx  # the small-batch kernel is instantiated
+    assert "fwht_radix16_kernel" in ptx  # the radix-16 Hadamard kernel too

@@ -134,6 +134,27 @@ def test_hadamard_matches_reference(cuda_ext, dtype, n):
         assert rel_error(z, ref) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_hadamard_kernels_bit_identical(cuda_ext, dtype):
+    """The radix-16 FWHT kernel (v2) applies v1's butterflies in v1's order: equal bit for bit,
+    with and without signs, for every block size 1..2^15 and ragged block lists."""
+    from glq.kernels.api import default_blocks
+
+    cases = [[1 << k] for k in range(16)] + [default_blocks(n) for n in (24, 576, 960, 2688, 14336)]
+    for blocks in cases:
+        n = sum(blocks)
+        for rows in (1, 5):
+            x = torch.randn(rows, n, device="cuda").to(dtype)
+            s = torch.randint(0, 2, (n,), device="cuda").float() * 2 - 1
+            logs = [b.bit_length() - 1 for b in blocks]
+            for signs in ((None, None), (s, None), (None, s), (s, s.flip(0).contiguous())):
+                z1 = torch.ops.glq_cuda.hadamard(x, logs, *signs, 1)
+                z2 = torch.ops.glq_cuda.hadamard(x, logs, *signs, 2)
+                assert torch.equal(z1, z2), (blocks, rows, signs[0] is None, signs[1] is None)
+    with pytest.raises(RuntimeError, match="variant"):
+        torch.ops.glq_cuda.hadamard(x, logs, None, None, 3)
+
+
 def test_glq_linear_matches_reference(cuda_ext):
     for out_f, in_f in [(576, 1536), (4096, 14336), (2688, 960)]:
         codes, tables, row_scale = random_layer(2, out_f, in_f, seed=9, device="cuda")

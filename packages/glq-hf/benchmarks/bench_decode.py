@@ -88,7 +88,9 @@ def measure_compile(label: str, model, args, rows: list) -> None:
     cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.tokens + 8)
     t0 = time.perf_counter()
     rate = time_decode(compiled, model, cache, args.prompt, args.tokens, repeats=3)
-    row = next(r for r in rows if r["model"] == label)
+    row = next((r for r in rows if r["model"] == label), None)
+    if row is None:
+        rows.append(row := {"model": label})
     row.update(compile_tok_s=rate, compile_total_s=time.perf_counter() - t0)
     print(json.dumps(row), flush=True)
 
@@ -101,6 +103,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only the torch.compile row of the last rate (compiling an 8B model takes minutes)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -111,7 +115,7 @@ def main() -> None:
 
     config = llama_8b_config(num_hidden_layers=args.layers)
     rows: list = []
-    if not args.no_bf16:
+    if not args.no_bf16 and not args.compile_only:
         from transformers import AutoModelForCausalLM
 
         with torch.device("cuda"):
@@ -121,8 +125,11 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     for i, bpw in enumerate(args.rates):
+        if args.compile_only and i < len(args.rates) - 1:
+            continue
         model = random_glq_model(config, bpw, device="cuda", dtype=torch.bfloat16)
-        measure(f"glq-{bpw}bpw", model, args, rows)
+        if not args.compile_only:
+            measure(f"glq-{bpw}bpw", model, args, rows)
         if i == len(args.rates) - 1 and not args.no_compile:  # last: compiling is slow and may fail
             try:
                 measure_compile(f"glq-{bpw}bpw", model, args, rows)
@@ -134,7 +141,8 @@ def main() -> None:
     print("\n| model | eager tok/s | CUDAGraphWrapper tok/s | torch.compile tok/s |\n|---|---|---|---|")
     for r in rows:
         comp = f"{r['compile_tok_s']:.1f}" if "compile_tok_s" in r else "-"
-        print(f"| {r['model']} | {r['eager_tok_s']:.1f} | {r['cuda_graph_tok_s']:.1f} | {comp} |")
+        eager, graph = (f"{r[k]:.1f}" if k in r else "-" for k in ("eager_tok_s", "cuda_graph_tok_s"))
+        print(f"| {r['model']} | {eager} | {graph} | {comp} |")
     if args.json:
         args.json.write_text(json.dumps({"versions": versions(), "layers": args.layers, "prompt": args.prompt,
                                          "tokens": args.tokens, "rows": rows}, indent=1))

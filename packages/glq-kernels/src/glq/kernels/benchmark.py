@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -190,6 +189,32 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
             print(lin[-1], flush=True)
             layers = None  # free the weight copies before the next shape
 
+    # the two FWHT kernels (bit-identical; v2 does four levels per barrier), fp16, with signs
+    fw = ["| N (blocks) | batch | v1 us | v2 us | v2 equal to v1 |", "|---|---|---|---|---|"]
+    from glq.kernels.api import default_blocks
+
+    for n_f in (4096, 14336, 1536, 576):
+        blocks = default_blocks(n_f)
+        logs = [b.bit_length() - 1 for b in blocks]
+        s_in = torch.randint(0, 2, (n_f,), device="cuda").float() * 2 - 1
+        for batch in (1, 16):
+            xs = [torch.randn(batch, n_f, device="cuda", dtype=torch.float16) for _ in range(8)]
+            t = {}
+            for variant in (1, 2):
+                try:
+                    t[variant] = time_graph(
+                        lambda i, v=variant: torch.ops.glq_cuda.hadamard(xs[i], logs, s_in, None, v), len(xs)
+                    )
+                except RuntimeError as e:
+                    t[variant] = float("nan")
+                    print(f"hadamard variant {variant} failed: {e}", flush=True)
+            try:
+                same = torch.equal(*(torch.ops.glq_cuda.hadamard(xs[0], logs, s_in, None, v) for v in (1, 2)))
+            except RuntimeError:
+                same = False
+            fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t[1] * 1e6:.1f} | {t[2] * 1e6:.1f} | {same} |")
+            print(fw[-1], flush=True)
+
     # variants: table copies and split-K, rate 2 and 4, batch 1
     var = ["| out x in | rate | rep | ksplit | us |", "|---|---|---|---|---|"]
     for out_f, in_f in [] if smoke else SHAPES[:3]:
@@ -223,12 +248,10 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                     )
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
-    return [*lines, "", *rows, "", *lin, "", *var]
+    return [*lines, "", *rows, "", *lin, "", *fw, "", *var]
 
 
 def main(argv=None) -> int:
-    # Time the small-batch kernel (opt-in in ops.py until it has passed on a GPU) against v3.
-    os.environ.setdefault("GLQ_KERNELS_GEMV", "1")
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write the Markdown tables here")
     ap.add_argument("--quick", action="store_true", help="rates 2, 3, 4, 8 only")

@@ -22,6 +22,7 @@ from .qmatmul.reference import matmul_reference
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
 MAX_KERNEL_BATCH = 64
 GEMV_ENV = "GLQ_KERNELS_GEMV"
+FWHT_ENV = "GLQ_KERNELS_FWHT"
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 
 
@@ -43,9 +44,9 @@ def matmul_op(
     if backend == "cuda":
         fn = torch.ops.glq_cuda.matmul
         rate = _rate(bits)
-        # The small-batch kernel (v4) compiles and matches a numpy model of its index math but has
-        # not yet run on a GPU: opt in with GLQ_KERNELS_GEMV=1 until the GPU tests have passed.
-        variant = 0 if os.environ.get(GEMV_ENV, "") == "1" else 1
+        # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
+        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) everywhere.
+        variant = 1 if os.environ.get(GEMV_ENV, "") == "0" else 0
 
         def run(xb: Tensor) -> Tensor:
             if variant == 0 and xb.shape[0] <= 8 and not _gemv_failed:
@@ -78,7 +79,11 @@ def hadamard_op(x: Tensor, block_sizes: list[int], signs: Tensor | None, out_sig
     backend = select_backend(x.device)
     if backend == "cuda":
         logs = [int(math.log2(n)) for n in block_sizes]
-        return torch.ops.glq_cuda.hadamard(x.contiguous(), logs, signs, out_signs)
+        # The radix-16 kernel (v2: one barrier per four levels) is written to give v1's results bit
+        # for bit but has not run on a GPU yet: opt in with GLQ_KERNELS_FWHT=2 until tests/kernels
+        # -m cuda has passed there.
+        variant = 2 if os.environ.get(FWHT_ENV, "") == "2" else 1
+        return torch.ops.glq_cuda.hadamard(x.contiguous(), logs, signs, out_signs, variant)
     if backend == "triton":
         _warn_once("hadamard-triton", "glq.kernels: no Triton Hadamard kernel; using PyTorch ops")
     return hadamard_butterfly(x, block_sizes, signs, out_signs)
