@@ -328,6 +328,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         summary = quantize(path, str(out), bpw=bpw, nsamples=args.nsamples, seqlen=args.seqlen, device=device,
                            min_bpw=as_int(args.min_bpw), max_bpw=as_int(args.max_bpw), bpw_map=bpw_map,
                            tune_iters=args.tune_iters, finetune_epochs=args.finetune_epochs,
+                           finetune_model_epochs=args.finetune_model_epochs,
                            streaming=args.streaming,
                            trust_remote_code=args.trust_remote_code, dataset=source, seed=args.seed,
                            resume=args.resume)
@@ -555,6 +556,7 @@ def _add_common(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from glq.quant import DEFAULT_FINETUNE_EPOCHS  # a constant; glq.quant's heavy modules stay unimported
     parser = _Parser(prog="glq", description="GLQ: E8 lattice weight quantization for LLMs.",
                      epilog="Run 'glq COMMAND --help' for each command's options and defaults.")
     parser.add_argument("--version", action=_VersionAction, help="print every installed glq package's version")
@@ -577,9 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "the allocator for a fractional --bpw)")
     q.add_argument("--tune-iters", type=_nonnegative_int, default=0,
                    help="coordinate-descent refinement passes after LDLQ rounding")
-    q.add_argument("--finetune-epochs", type=_nonnegative_int, default=0,
+    q.add_argument("--finetune-epochs", type=_nonnegative_int, default=DEFAULT_FINETUNE_EPOCHS,
                    help="block fine-tuning passes over the calibration set after each block is quantized "
-                   "(sign gains, row scales and norms learn to match the unquantized block; codes fixed); 0 = off")
+                   "(sign gains, row scales and norms learn to match the unquantized block; codes fixed); "
+                   f"0 = off (default: {DEFAULT_FINETUNE_EPOCHS})")
+    q.add_argument("--finetune-model-epochs", type=_nonnegative_int, default=0,
+                   help="whole-model fine-tuning passes after the last block: the same parameters, every block at "
+                   "once, against the unquantized model's next-token distribution; needs the model in memory "
+                   "(not with --streaming); 0 = off")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences")
     q.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sequence")
     cal = q.add_mutually_exclusive_group()

@@ -172,3 +172,110 @@ def _float32(v):
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _final_head(lm: nn.Module, blocks_path: str):
+    """(final norm, output head) applied after the last block, if the model exposes them the
+    Llama way (``<blocks' parent>.norm`` and ``get_output_embeddings()``), else None."""
+    parent_path = blocks_path.rpartition(".")[0]
+    parent = lm.get_submodule(parent_path) if parent_path else lm
+    norm, head = getattr(parent, "norm", None), lm.get_output_embeddings()
+    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
+        return None
+    return norm, head
+
+
+def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer], x0: torch.Tensor,
+               teacher: torch.Tensor, kwargs: dict, cfg: TuneConfig, device: torch.device) -> dict:
+    """Tune every block's continuous parameters at once (the same ones as :func:`tune_block`) so
+    the quantized model's output distribution matches the unquantized model's.
+
+    ``x0``: the calibration inputs of the first block, ``teacher``: the unquantized model's output
+    of the last block on them, both (nsamples, seqlen, hidden). The loss is the KL divergence of the
+    student's next-token distribution from the teacher's, per token (final norm and head frozen, as
+    they are not quantized); a model without a Llama-style final norm gets the per-token relative
+    error of the last block's output instead. ``layers`` (by full name) are updated in place with
+    the tuned values; the blocks end on their original device and dtype holding the tuned weights.
+    Needs every block on ``device`` at once, in float32, with a dense copy of each quantized weight:
+    meant for models that fit there (it is not available with streaming)."""
+    blocks = lm.get_submodule(blocks_path)
+    n = x0.shape[0]
+    n_val = min(max(1, round(n * cfg.holdout)), n - 1) if n > 1 else 0
+    train, val = list(range(n - n_val)), list(range(n - n_val, n)) or list(range(n))
+    kwargs = {k: _float32(v) for k, v in kwargs.items()}
+    home = [(next(b.parameters()).device, next(b.parameters()).dtype) for b in blocks]
+    head = _final_head(lm, blocks_path)
+    if head is not None:  # frozen float32 copies on the device; the model's own stay untouched
+        import copy
+
+        head = tuple(copy.deepcopy(m).to(device, torch.float32).requires_grad_(False) for m in head)
+
+    swapped: list[tuple[nn.Module, str, nn.Module, str, _TunedLinear]] = []  # (block, rel, linear, full, tuned)
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{i}"
+        for rel, lin in arch.block_linears(block).items():
+            full = f"{prefix}.{rel}"
+            if full in layers:  # swapped out before the move: the dense weights stay where they are
+                mod = _TunedLinear(layers[full], lin.bias, device)
+                swapped.append((block, rel, lin, full, mod))
+                _set_submodule(block, rel, mod)
+        blocks[i] = block.to(device).float()
+    params = {f"{i}.{k}": p for i, b in enumerate(blocks) for k, p in b.named_parameters() if p.dim() == 1}
+    for b in blocks:
+        for p in b.parameters():
+            p.requires_grad_(p.dim() == 1)
+
+    def loss_of(idx) -> torch.Tensor:
+        total = x0.new_zeros((), dtype=torch.float32, device=device)
+        for i in idx:
+            h = x0[i : i + 1].to(device, torch.float32)
+            for b in blocks:
+                h = b(h, **kwargs)
+                h = h[0] if isinstance(h, tuple) else h
+            t = teacher[i : i + 1].to(device, torch.float32)
+            if head is None:
+                total = total + ((h - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-30)).mean()
+                continue
+            norm, out = head
+            with torch.no_grad():
+                log_p = F.log_softmax(out(norm(t)), dim=-1)
+            log_q = F.log_softmax(out(norm(h)), dim=-1)
+            total = total + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return total / max(len(idx), 1)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in params.items()}
+
+    saved = snapshot()
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    with torch.no_grad():
+        before = float(loss_of(val))
+    best, best_state, steps, history = before, None, 0, [before]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(cfg.epochs):
+        for i in torch.randperm(len(train), generator=gen).tolist():
+            opt.zero_grad(set_to_none=True)
+            loss_of([train[i]]).backward()
+            opt.step()
+            steps += 1
+        with torch.no_grad():
+            now = float(loss_of(val))
+        history.append(now)
+        if now < best:
+            best, best_state = now, snapshot()
+    with torch.no_grad():
+        for k, v in (best_state if best_state is not None else saved).items():
+            params[k].copy_(v)
+    for block, rel, lin, full, mod in swapped:  # Module.to works in place: the same block objects
+        if best_state is not None:
+            layers[full] = mod.result(layers[full])
+            lin.weight.data.copy_(layers[full].weight.to(lin.weight.device, lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.data.copy_(mod.bias.detach().to(lin.bias.dtype))
+        _set_submodule(block, rel, lin)
+    for i, (dev, dtype) in enumerate(home):
+        for p in blocks[i].parameters():
+            p.requires_grad_(False)
+        blocks[i] = blocks[i].to(dev, dtype)
+    return {"loss_before": before, "loss_after": best, "steps": steps, "held_out_history": history,
+            "loss": "kl" if head is not None else "hidden"}

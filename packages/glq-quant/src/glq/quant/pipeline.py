@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from glq.hf.config import FORMAT_VERSION, GLQFormat, LayerSpec
-from glq.quant import allocate, arch, checkpoint, rht
+from glq.quant import DEFAULT_FINETUNE_EPOCHS, allocate, arch, checkpoint, rht
 from glq.quant.layer import QuantizedLayer, quantize_linear
 
 PARTIAL = ".glq-partial"
@@ -50,6 +50,7 @@ class _Plan:
     damp: float
     bpw_map_digest: str
     finetune_epochs: int = 0
+    finetune_model_epochs: int = 0
 
     @property
     def fractional(self) -> bool:
@@ -60,7 +61,7 @@ class _Plan:
 
 
 def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map,
-              device, finetune_epochs: int = 0) -> _Plan:
+              device, finetune_epochs: int = 0, finetune_model_epochs: int = 0, streaming: bool = False) -> _Plan:
     try:
         target = float(bpw)
     except (TypeError, ValueError):
@@ -81,6 +82,11 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
         raise ValueError(f"tune_iters={tune_iters} must be >= 0")
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs={finetune_epochs} must be >= 0 (0 turns block fine-tuning off)")
+    if finetune_model_epochs < 0:
+        raise ValueError(f"finetune_model_epochs={finetune_model_epochs} must be >= 0 (0 turns it off)")
+    if finetune_model_epochs and streaming:
+        raise ValueError(f"finetune_model_epochs={finetune_model_epochs} needs every block in memory at once; "
+                         "it cannot run with streaming=True (use finetune_epochs, which tunes block by block)")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but no CUDA GPU is available")
     if bpw_map is None:
@@ -90,7 +96,8 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
         digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
     return _Plan(model=str(model), bpw=target, min_bpw=lo, max_bpw=hi, nsamples=int(nsamples), seqlen=int(seqlen),
                  tune_iters=int(tune_iters), dataset=str(dataset), seed=int(seed), damp=float(damp),
-                 bpw_map_digest=digest, finetune_epochs=int(finetune_epochs))
+                 bpw_map_digest=digest, finetune_epochs=int(finetune_epochs),
+                 finetune_model_epochs=int(finetune_model_epochs))
 
 
 def _prepare_output(output_dir: Path, plan: _Plan, resume: bool) -> dict | None:
@@ -121,7 +128,7 @@ class _Calibration:
     """Activations entering the current block, and the keyword arguments blocks need."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device,
-                 reference: bool = False):
+                 reference: bool = False, keep_inputs: bool = False):
         self.kwargs: dict = {}
         inputs: list[torch.Tensor] = []
 
@@ -143,6 +150,8 @@ class _Calibration:
         self.x = torch.cat(inputs)  # (nsamples, seqlen, hidden)
         # The unquantized model's activations, kept only for fine-tuning's targets.
         self.x_ref = self.x.clone() if reference else None
+        # The first block's inputs, kept for whole-model fine-tuning (the stream above is overwritten).
+        self.x0 = self.x.clone() if keep_inputs else None
 
     def run(self, block: nn.Module) -> None:
         """Replace the stored activations by ``block``'s outputs on them."""
@@ -289,7 +298,8 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
              device: str = "cpu", min_bpw: int | None = None, max_bpw: int | None = None,
              bpw_map: str | os.PathLike | dict | None = None, tune_iters: int = 0, streaming: bool = False,
              trust_remote_code: bool = False, dataset: str = "wikipedia", seed: int = 0, resume: bool = True,
-             damp: float = 0.01, progress: bool = True, finetune_epochs: int = 0) -> dict:
+             damp: float = 0.01, progress: bool = True, finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS,
+             finetune_model_epochs: int = 0) -> dict:
     """Quantize a causal LM into a GLQ folder; returns the run's summary (also in glq_report.json).
 
     Args:
@@ -300,7 +310,11 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
         bpw_map: a ``bpw_allocation.json`` (path or dict) fixing each layer's rate; skips profiling.
         tune_iters: coordinate-descent refinement passes after LDLQ (each never increases the loss).
         finetune_epochs: passes of block fine-tuning over the calibration set after each block is
-            quantized (``glq.quant.finetune``: sign gains, row scales, norms; codes fixed); 0 = off.
+            quantized (``glq.quant.finetune``: sign gains, row scales, norms; codes fixed); 0 = off,
+            default ``DEFAULT_FINETUNE_EPOCHS`` (2).
+        finetune_model_epochs: passes of whole-model fine-tuning after the last block (the same
+            parameters, every block at once, against the unquantized model's next-token
+            distribution); needs the model in memory (not with ``streaming``); 0 = off.
         dataset: calibration text: a shipped name ("wikipedia", "c4"), a text file, or a hub dataset.
         streaming: build the model on the meta device and read each block's weights from the
             safetensors shards only when its turn comes, so host memory holds one block plus
@@ -310,7 +324,7 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
         model, output_dir, bpw=bpw, nsamples=nsamples, seqlen=seqlen, device=device, min_bpw=min_bpw,
         max_bpw=max_bpw, bpw_map=bpw_map, tune_iters=tune_iters, streaming=streaming,
         trust_remote_code=trust_remote_code, dataset=dataset, seed=seed, resume=resume, damp=damp, progress=progress,
-        finetune_epochs=finetune_epochs)
+        finetune_epochs=finetune_epochs, finetune_model_epochs=finetune_model_epochs)
     return summary
 
 
@@ -318,12 +332,12 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
                         device: str = "cpu", min_bpw=None, max_bpw=None, bpw_map=None, tune_iters: int = 0,
                         streaming: bool = False, trust_remote_code: bool = False, dataset: str = "wikipedia",
                         seed: int = 0, resume: bool = True, damp: float = 0.01, progress: bool = True,
-                        finetune_epochs: int = 0):
+                        finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS, finetune_model_epochs: int = 0):
     """``quantize``, also returning the model with every quantized weight replaced by its
     dequantized value (blocks on the CPU; None with ``streaming``), for evaluation."""
     start = time.perf_counter()
     plan = _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map, device,
-                     finetune_epochs)
+                     finetune_epochs, finetune_model_epochs, streaming)
     out = Path(output_dir)
     state = _prepare_output(out, plan, resume)
     dev = torch.device(device)
@@ -368,16 +382,18 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         rates = allocate.greedy_allocation(losses, layer_sizes, plan.bpw, plan.min_bpw, plan.max_bpw)
         allocate.write_allocation(out / PARTIAL / ALLOCATION_FILE, rates, layer_sizes, plan.bpw, losses)
 
-    calib = _Calibration(lm, blocks, windows, dev, reference=plan.finetune_epochs > 0)
+    calib = _Calibration(lm, blocks, windows, dev, reference=plan.finetune_epochs > 0 or plan.finetune_model_epochs > 0,
+                         keep_inputs=plan.finetune_model_epochs > 0)
     finished = state["blocks"] if state else 0
-    state = {"plan": plan.fingerprint(), "blocks": finished}
+    model_tuned = bool(state and state.get("model_tuned"))
+    state = {"plan": plan.fingerprint(), "blocks": finished, "model_tuned": model_tuned}
     _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
     results: dict[str, QuantizedLayer | dict] = {}
     for i in _iter(range(layout.count), "quantizing", progress):
         block = fetch(i)
         prefix = f"{layout.path}.{i}"
-        part = out / PARTIAL / f"block_{i:05d}.safetensors"
-        if plan.finetune_epochs:
+        part = _block_file(out, i, model_tuned)
+        if calib.x_ref is not None:
             calib.run_reference(block)  # the unquantized block: fine-tuning's target
         if i < finished:
             results.update(_restore_block(block, prefix, part))
@@ -395,8 +411,12 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
             _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
         calib.run(block)
         release(i)
+    if plan.finetune_model_epochs and not model_tuned:
+        results.update(_tune_model(lm, layout, calib, plan, out, dev))
+        state["model_tuned"] = model_tuned = True
+        _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
     summary = _write_folder(out, lm, tok, layout, results, plan, layer_sizes, time.perf_counter() - start, device,
-                            path, streaming)
+                            path, streaming, model_tuned)
     if losses is not None or (out / PARTIAL / ALLOCATION_FILE).is_file():
         shutil.copy(out / PARTIAL / ALLOCATION_FILE, out / ALLOCATION_FILE)
     else:
@@ -406,6 +426,56 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
 
 
 _DEQUANTIZED = ".glq_dequantized"  # partial-file key suffix of a layer's dequantized weight
+
+
+def _block_file(out: Path, i: int, model_tuned: bool = False) -> Path:
+    """Block ``i``'s partial file; whole-model tuning writes a second set, so an interruption while
+    writing it leaves the first set whole (the run then tunes again from it)."""
+    return out / PARTIAL / f"block_{i:05d}{'.tuned' if model_tuned else ''}.safetensors"
+
+
+def _read_layers(path: Path, prefix: str) -> tuple[dict[str, QuantizedLayer], dict]:
+    """The quantized layers a block file holds (codes, scales, signs, dequantized weights), and
+    its per-layer metadata."""
+    from safetensors import safe_open
+
+    layers = {}
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["glq"])
+        for name, info in meta.items():
+            spec = LayerSpec.from_dict(info["spec"])
+            stages = len([k for k in f.keys() if k.startswith(name + ".codes_")])  # noqa: SIM118
+            layers[name] = QuantizedLayer(
+                spec=spec, codes=tuple(f.get_tensor(f"{name}.codes_{s}") for s in range(stages)),
+                row_scale=f.get_tensor(name + ".row_scale"), signs_in=f.get_tensor(name + ".signs_in"),
+                signs_out=f.get_tensor(name + ".signs_out"), weight=f.get_tensor(name + _DEQUANTIZED),
+                proxy_loss=info["proxy_loss"], relative_loss=info["relative_loss"], sqnr_db=info["sqnr_db"],
+                seconds=info["seconds"])
+    assert all(n.startswith(prefix + ".") for n in layers), (prefix, list(layers))
+    return layers, meta
+
+
+def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev) -> dict[str, dict]:
+    """Whole-model fine-tuning after the last block; writes the ``.tuned`` block files."""
+    from glq.quant import finetune
+
+    layers, metas = {}, {}
+    for i in range(layout.count):
+        got, meta = _read_layers(_block_file(out, i), f"{layout.path}.{i}")
+        layers.update(got)
+        metas.update(meta)
+    report = finetune.tune_model(lm, layout.path, layers, calib.x0, calib.x_ref, calib.kwargs,
+                                 finetune.TuneConfig(epochs=plan.finetune_model_epochs), dev)
+    blocks = lm.get_submodule(layout.path)
+    results = {}
+    for i in range(layout.count):
+        prefix = f"{layout.path}.{i}"
+        done = {n: q for n, q in layers.items() if n.startswith(prefix + ".")}
+        block_ft = next(iter(metas[n] for n in done), {}).get("finetune")
+        extra = {"finetune_model": report, **({"finetune": block_ft} if block_ft else {})}
+        _save_block(_block_file(out, i, True), blocks[i], prefix, done, extra)
+        results.update({n: {"spec": q.spec, **q.report(), **extra} for n, q in done.items()})
+    return results
 
 
 def _save_block(path: Path, block: nn.Module, prefix: str, done: dict[str, QuantizedLayer],
@@ -470,7 +540,7 @@ def _checkpoint_dtype(path: str) -> torch.dtype:
 
 
 def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes, seconds: float, device: str,
-                  source: str, streaming: bool) -> dict:
+                  source: str, streaming: bool, model_tuned: bool = False) -> dict:
     from safetensors import safe_open
 
     from glq.lattice import codec
@@ -485,7 +555,7 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
     # Everything inside the blocks from the saved block files: one source of truth for
     # fresh, resumed and streaming runs.
     for i in range(layout.count):
-        with safe_open(str(out / PARTIAL / f"block_{i:05d}.safetensors"), "pt") as f:
+        with safe_open(str(_block_file(out, i, model_tuned)), "pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if not key.endswith(_DEQUANTIZED):
                     tensors[key] = f.get_tensor(key)
