@@ -353,3 +353,197 @@ def test_cuda_sources_compile(tmp_path):
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "glq_gemv_kernel" in ptx  # the small-batch kernel is instantiated
     assert "fwht_radix16_kernel" in ptx  # the radix-16 Hadamard kernel too
+    assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
+    for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4
+        for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):
+            assert f"glq_batched_kernelI6__half{stages}Li{3 if stages.startswith('Li1') else 2}ELi{nt}E" in ptx
+
+
+# --- large-batch (prefill) path: dense decode + cuBLAS --------------------------------------------
+
+
+def _dequantize_kernel_model(codes, tables, row_scale, threads: int, grid: int, unroll: int) -> np.ndarray:
+    """csrc glq_dequantize_kernel replayed in numpy float32: its grid-stride ownership of the M*G
+    groups (each written exactly once), the shared-memory table image (first entries of the
+    (S, 512, 8) table, stage-major), sign bits, stage order, and the float32 scale. Returns the
+    float32 values before the final rounding."""
+    m, g_n = codes[0].shape
+    n = m * g_n
+    vals = tables.values.numpy()  # (S, 512, 8) float32
+    n16 = sum(1 for b in tables.bits if b == 16)
+    smem = vals.reshape(-1, 8)[: n16 * 512 + (256 if n16 < len(tables.bits) else 0)]
+    flat = [
+        c.reshape(-1).numpy().astype(np.int64) & (0xFFFF if b == 16 else 0xFF)
+        for c, b in zip(codes, tables.bits, strict=True)
+    ]
+    rs = row_scale.numpy().astype(np.float32)
+    gain = np.float32(tables.gain)
+    out = np.full((n, 8), np.nan, dtype=np.float32)
+    written = np.zeros(n, dtype=np.int64)
+    stride = grid * threads
+    for blk in range(grid):
+        for t in range(threads):
+            base = blk * threads + t
+            while base < n:
+                for u in range(unroll):
+                    idx = base + u * stride
+                    if idx >= n:
+                        continue
+                    acc = np.zeros(8, dtype=np.float32)
+                    for s in range(n16):
+                        c = int(flat[s][idx])
+                        v = smem[s * 512 + (c >> 7)].copy()
+                        lo = c & 127
+                        sg = lo | ((bin(lo).count("1") & 1) << 7)
+                        flip = np.array([((sg >> k) & 1) << 31 for k in range(8)], dtype=np.uint32)
+                        acc = (acc + (v.view(np.uint32) ^ flip).view(np.float32)).astype(np.float32)
+                    if n16 < len(tables.bits):
+                        acc = (acc + smem[n16 * 512 + int(flat[n16][idx])]).astype(np.float32)
+                    scale = np.float32(rs[idx // g_n] * gain)
+                    out[idx] = acc * scale
+                    written[idx] += 1
+                base += stride * unroll
+    assert (written == 1).all(), "every group is decoded by exactly one thread"
+    return out.reshape(m, g_n * 8)
+
+
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+def test_dequantize_kernel_model_is_the_reference_bit_for_bit(rate):
+    """The dense decode's arithmetic (sign-bit flips, float32 stage sums from +0, float32 scale)
+    is dequantize_reference's exactly, so one rounding to fp16/bf16 gives the reference's rounding."""
+    from glq.kernels.qmatmul.reference import dequantize_reference
+
+    codes, tables, row_scale = random_layer(rate, 7, 8 * 5, seed=rate)  # 35 groups: ragged for the grid
+    ref = dequantize_reference(codes, tables.values, row_scale, tables.bits, tables.gain)
+    for threads, grid, unroll in [(4, 3, 2), (512, 1, 2), (8, 2, 1)]:
+        model = _dequantize_kernel_model(codes, tables, row_scale, threads, grid, unroll)
+        assert np.array_equal(model.view(np.uint32), ref.numpy().view(np.uint32)), (threads, grid, unroll)
+    assert np.array_equal(model.astype(np.float16), ref.to(torch.float16).numpy())
+
+
+class _FakeCuda:
+    """Stands in for the CUDA extension's ops on the CPU and records which path ran."""
+
+    def __init__(self):
+        self.calls = []
+
+    def matmul(self, x, codes, tables, row_scale, rate, gain, variant):
+        from glq.kernels.qmatmul.reference import matmul_reference
+
+        self.calls.append(("fused", x.shape[0], variant, tables.dtype))
+        bits = list(RATE_STAGES[rate])
+        return matmul_reference(x, codes, tables, row_scale, bits, gain)
+
+    def dequantize(self, codes, tables, row_scale, rate, gain, dtype):
+        from glq.kernels.qmatmul.reference import dequantize_reference
+
+        self.calls.append(("dense", tables.dtype, dtype))
+        return dequantize_reference(codes, tables, row_scale, RATE_STAGES[rate], gain).to(dtype)
+
+
+def test_large_batches_take_the_dense_path(monkeypatch):
+    """Op selection with the CUDA backend: batches up to DENSE_BATCH_THRESHOLD run the fused kernel
+    (chunks of 64 rows), larger ones one dense decode (float32 tables) and F.linear."""
+    from glq.kernels import ops
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(ops, "select_backend", lambda device: "cuda")
+    monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
+    monkeypatch.setattr(ops, "_cuda_dequantize", fake.dequantize)
+    monkeypatch.delenv("GLQ_KERNELS_GEMV", raising=False)
+    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "1")  # the CUDA dequantize kernel (opt-in for now)
+    thr = ops.DENSE_BATCH_THRESHOLD
+    assert thr == 64  # first guess; retune from the benchmark's "dense us" column
+    codes, tables, row_scale = random_layer(3, 24, 64, seed=4)
+    bits = list(tables.bits)
+    w = dequantize(codes, tables, row_scale)
+
+    def run(b, table_dtype, dtype=torch.bfloat16):
+        fake.calls.clear()
+        x = torch.randn(b, 64).to(dtype)
+        y = ops.matmul_op(x, codes, tables.table(table_dtype, "cpu"), row_scale, bits, tables.gain)
+        assert y.shape == (b, 24) and y.dtype == dtype
+        return x, y, [c[:3] for c in fake.calls]
+
+    assert run(1, torch.bfloat16)[2] == [("fused", 1, 0)]  # small-batch kernel (auto)
+    assert run(thr, torch.bfloat16)[2] == [("fused", 64, 1)]  # MMA kernel, one launch
+    for b in (thr + 1, 200, 2048):
+        x, y, calls = run(b, torch.float32)
+        assert calls == [("dense", torch.float32, torch.bfloat16)], (b, calls)
+        # exactly F.linear on the reference weight rounded once to x's dtype
+        assert torch.equal(y, F.linear(x, w.to(x.dtype))), b
+    # a direct op call handing x-dtype tables to the dense path: widened to float32 for the kernel
+    assert run(thr + 1, torch.float16, torch.float16)[2] == [("dense", torch.float32, torch.float16)]
+    # without the opt-in the dense path decodes with torch ops: no kernel call, the same numbers
+    monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
+    x, y, calls = run(thr + 1, torch.float32)
+    assert calls == [] and torch.equal(y, F.linear(x, w.to(x.dtype)))
+    # the threshold is read at call time (a tuned value, or the benchmark, can move it)
+    monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", 256)
+    assert [c[:2] for c in run(200, torch.float16, torch.float16)[2]] == [("fused", 64)] * 3 + [("fused", 8)]
+
+
+def test_public_api_hands_float32_tables_to_the_dense_path():
+    """The table dtype follows the flattened batch: x's dtype for the fused kernels on CUDA,
+    float32 for the dense path (exact decode before one rounding) and for CPU tensors."""
+    from types import SimpleNamespace
+
+    from glq.kernels import api, ops
+
+    thr = ops.DENSE_BATCH_THRESHOLD
+
+    def fake_x(*shape, device="cuda"):
+        return SimpleNamespace(device=torch.device(device), shape=shape, dtype=torch.float16)
+
+    assert api._table_dtype(fake_x(2, 3, 32)) == torch.float16
+    assert api._table_dtype(fake_x(thr, 32)) == torch.float16
+    assert api._table_dtype(fake_x(5, thr // 5 + 1, 32)) == torch.float32
+    assert api._table_dtype(fake_x(2, 3, 32, device="cpu")) == torch.float32
+
+
+def test_triton_backend_dense_path_uses_torch(monkeypatch):
+    """Without the CUDA build, large batches on the Triton backend decode with the torch reference
+    and call F.linear (no Triton kernel launched)."""
+    from glq.kernels import ops
+
+    monkeypatch.setattr(ops, "select_backend", lambda device: "triton")
+    codes, tables, row_scale = random_layer(4, 16, 32, seed=2)
+    x = torch.randn(ops.DENSE_BATCH_THRESHOLD + 1, 32).half()
+    y = ops.matmul_op(x, codes, tables.table(torch.float32, "cpu"), row_scale, list(tables.bits), tables.gain)
+    w = dequantize(codes, tables, row_scale)
+    assert torch.equal(y, F.linear(x, w.half()))
+
+
+def test_dequantize_op_passes_opcheck():
+    codes, tables, row_scale = random_layer(5, 16, 64)
+    bits = list(tables.bits)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        args = (codes, tables.values, row_scale, bits, tables.gain, dtype)
+        torch.library.opcheck(torch.ops.glq.dequantize, args)
+        w = torch.ops.glq.dequantize(*args)
+        assert torch.equal(w, dequantize(codes, tables, row_scale).to(dtype))
+
+
+def test_batched_kernel_is_opt_in(monkeypatch):
+    """GLQ_KERNELS_BATCHED=1 sends batches 9..64 at rates 2..4 to the batched kernel (variant 3);
+    without it, or at other rates, the MMA kernel (variant 1) runs as before."""
+    from glq.kernels import ops
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(ops, "select_backend", lambda device: "cuda")
+    monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
+    monkeypatch.delenv("GLQ_KERNELS_GEMV", raising=False)
+
+    def variants(rate, b):
+        codes, tables, row_scale = random_layer(rate, 16, 32, seed=rate)
+        fake.calls.clear()
+        ops.matmul_op(torch.randn(b, 32).half(), codes, tables.table(torch.float16, "cpu"), row_scale,
+                      list(tables.bits), tables.gain)
+        return [c[2] for c in fake.calls]
+
+    monkeypatch.delenv("GLQ_KERNELS_BATCHED", raising=False)
+    assert variants(2, 16) == [1]
+    monkeypatch.setenv("GLQ_KERNELS_BATCHED", "1")
+    assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
+    assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
+    assert variants(5, 16) == [1]  # not instantiated past rate 4

@@ -205,3 +205,116 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                 for variant, ks in [(1, 0), (2, 0), (2, 1), (2, 3), (2, 64)]:
                     y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, variant)
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
+
+
+# --- large-batch (prefill) path: glq_cuda.dequantize + cuBLAS ---------------------------------------
+
+DENSE_SHAPES = [(8, 8), (24, 24), (960, 24), (8, 2688), (3, 8 * 1001), (1536, 576), (2688, 960), (4096, 14336)]
+
+
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+def test_dequantize_kernel_is_the_reference_bit_for_bit(cuda_ext, rate):
+    """glq_cuda.dequantize == dequantize_reference(...).to(dtype), compared as bit patterns (so -0
+    and +0 differ): same float32 operations in the same order, then one round-to-nearest-even.
+    Row scales span fp16 overflow (inf) and subnormal outputs, where the one-rounding claim bites."""
+    for out_f, in_f in DENSE_SHAPES:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=rate * 5 + out_f, device="cuda")
+        row_scale = row_scale.clone()
+        row_scale[0] = 3e5  # |W| past fp16's 65504 on this row: inf in both
+        if out_f > 2:
+            row_scale[1] = 2e-7  # fp16 subnormals
+        ref = dequantize(codes, tables, row_scale)  # (out, in) float32, the reference decode
+        table = tables.table(torch.float32, "cuda")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            as_int = torch.int32 if dtype == torch.float32 else torch.int16
+            w = torch.ops.glq_cuda.dequantize(codes, table, row_scale, rate, tables.gain, dtype)
+            assert w.dtype == dtype and w.shape == (out_f, in_f)
+            want = ref.to(dtype)
+            diff = (w.view(as_int) != want.view(as_int)).sum().item()
+            assert diff == 0, f"{out_f}x{in_f} {dtype}: {diff} values differ"
+
+
+def test_dequantize_kernel_errors(cuda_ext):
+    codes, tables, row_scale = random_layer(3, 16, 64, device="cuda")
+    table = tables.table(torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="rate"):
+        torch.ops.glq_cuda.dequantize(codes, table, row_scale, 5, tables.gain, torch.float16)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.glq_cuda.dequantize(codes, table.half(), row_scale, 3, tables.gain, torch.float16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3, tables.gain, torch.int32)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch-decode", "dequant-kernel"])
+@pytest.mark.parametrize("rate", [2, 3, 4, 8], ids=lambda r: f"r{r}")
+def test_large_batch_matmul_takes_the_dense_path(cuda_ext, rate, kernel, monkeypatch):
+    """Batches past DENSE_BATCH_THRESHOLD: exactly F.linear on the reference weight rounded once to
+    x's dtype (so the dense path ran, not chunks of the fused kernel), and within the kernels'
+    tolerance of the float64 product, decoding with torch ops (default) or the CUDA kernel
+    (GLQ_KERNELS_DEQUANT=1). Also through glq_linear, 3-D inputs and a CUDA graph."""
+    import torch.nn.functional as F
+
+    if kernel:
+        monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "1")
+    else:
+        monkeypatch.delenv("GLQ_KERNELS_DEQUANT", raising=False)
+
+    from glq.kernels import matmul, ops
+
+    for out_f, in_f in [(4096, 14336), (2688, 960), (24, 24)]:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=rate + 1, device="cuda")
+        w = dequantize(codes, tables, row_scale)
+        for b in (ops.DENSE_BATCH_THRESHOLD + 1, 65, 200, 2048):
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                y = matmul(x, codes, tables, row_scale)
+                assert torch.equal(y, F.linear(x, w.to(dtype))), (out_f, in_f, b, dtype)
+                exact = exact_matmul(x, w)
+                tol = kernel_tolerance(x, w, exact, len(tables.bits))
+                assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype)
+    x3 = torch.randn(4, 50, in_f, device="cuda").half()
+    y3 = matmul(x3, codes, tables, row_scale)
+    assert torch.equal(y3.reshape(200, out_f), F.linear(x3.reshape(200, in_f), w.half()))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gy = matmul(x3, codes, tables, row_scale)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gy, y3)
+    s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
+    ref = glq_linear_reference(x3, codes, tables, row_scale, s_in)
+    assert rel_error(glq_linear(x3, codes, tables, row_scale, s_in), ref) < 5e-3
+
+
+@pytest.mark.parametrize("rate", [2, 3, 4], ids=lambda r: f"r{r}")
+def test_batched_kernel_matches_reference(cuda_ext, rate, monkeypatch):
+    """The register-tiled batched kernel (variant 3) forced at every n-tile count and several split
+    counts: within the kernels' tolerance and the numerics model, bit-identical run to run, and
+    picked by glq.kernels.matmul under GLQ_KERNELS_BATCHED=1."""
+    from glq.kernels import matmul
+
+    for out_f, in_f in [(4096, 14336), (14336, 4096), (960, 2688), (24, 24), (1536, 576), (8, 2688)]:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=13, device="cuda")
+        w = dequantize(codes, tables, row_scale)
+        for b in (9, 16, 17, 33, 64, 1):
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                exact = exact_matmul(x, w)
+                tol = kernel_tolerance(x, w, exact, len(tables.bits))
+                model = kernel_numerics_model(x, codes, tables, row_scale)
+                table = tables.table(dtype, x.device)
+                dcode = 0 if dtype == torch.float16 else 1
+                plan = torch.ops.glq_cuda.matmul_plan(b, out_f, in_f, rate, dcode, 0, 0, 0, 3)
+                assert plan[6] == 3 and plan[0] == 128, plan
+                for ks in (0, 1, 3, 64):
+                    y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 3)
+                    assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, ks)
+                    assert rel_error(y, model) <= 2 * unit_roundoff(dtype), (out_f, in_f, b, dtype, ks)
+                    again = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 3)
+                    assert torch.equal(y, again), (out_f, in_f, b, dtype, ks)
+        monkeypatch.setenv("GLQ_KERNELS_BATCHED", "1")
+        x = torch.randn(16, in_f, device="cuda").half()
+        y = matmul(x, codes, tables, row_scale)
+        table = tables.table(torch.float16, x.device)
+        assert torch.equal(y, torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, 0, 3))
+        monkeypatch.delenv("GLQ_KERNELS_BATCHED")

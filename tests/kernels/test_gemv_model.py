@@ -184,3 +184,149 @@ def test_gemv_model_matches_numerics_model(rate, m, k, bsz, ksplit):
     y = gemv_model(x, codes, tables, row_scale, ksplit)
     ref = kernel_numerics_model(x, codes, tables, row_scale)
     assert rel_error(y, ref) <= 2 * unit_roundoff(torch.float16)
+
+
+# --- the register-tiled batched kernel (glq_batched_kernel, v5, batch 9..64) -----------------------
+
+BWM, BWK, BT = 4, 2, 2  # kBWM, kBWK, kBT
+BROWS = BWM * BT * 16  # kBRows
+
+
+def batched_model(x: torch.Tensor, codes, tables, row_scale, ksplit: int) -> torch.Tensor:
+    """What glq_batched_kernel computes, replayed lane by lane: the 2-D warp grid (wm rows, wk K
+    slices), the two-buffer slice loop exactly as written (which buffer is loaded with which slice
+    and decoded against which x), x fragments per (n-tile, group) shared by both row tiles, the
+    n-tile guard, and the wk / split-K reduction orders."""
+    assert x.dtype == torch.float16, "model in float16 (numpy has no bfloat16)"
+    dt = np.float16
+    bits = tables.bits
+    n16 = sum(1 for b in bits if b == 16)
+    rl2 = 3 if n16 == 1 else 2
+    smem = _smem_tables(tables.table(torch.float16, "cpu").numpy().view(np.uint16), bits, rl2)
+    bsz, k_in = x.shape
+    nt_cap = 2 if bsz <= 16 else 4 if bsz <= 32 else 8  # template NT
+    n_tiles = -(-bsz // 8)
+    m = codes[0].shape[0]
+    g_n = k_in // 8
+    xs = x.numpy()
+    cs = [c.numpy().astype(np.int64) & (0xFFFF if b == 16 else 0xFF) for c, b in zip(codes, bits, strict=True)]
+    n_slices = max(1, -(-g_n // SLICE))
+    sps = -(-n_slices // ksplit)
+    ksplit = -(-n_slices // sps)
+    row_blocks = -(-m // BROWS)
+    y = np.zeros((bsz, m), dtype=np.float32)
+    ws = np.zeros((ksplit, bsz, m), dtype=np.float32)
+    visits = np.zeros((row_blocks, BWM, n_slices), dtype=np.int64)
+
+    def load(rb, wm, sl):
+        """load_slice for both row tiles: codes [rt][lane][h][i] (stages 16-bit, then 8-bit)."""
+        warp_row0 = rb * BROWS + wm * BT * 16
+        out = {}
+        for rt in range(BT):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for h in range(2):
+                    r = warp_row0 + 16 * rt + g + 8 * h
+                    for i in range(4):
+                        j = sl * SLICE + 4 * t + i
+                        ok = r < m and j < g_n
+                        c16 = [int(cs[s][r, j]) if ok else 0 for s in range(n16)]
+                        c8 = (int(cs[n16][r, j]) if ok else 0) if len(bits) > n16 else None
+                        out[rt, lane, h, i] = (c16, c8)
+        return sl, out
+
+    def compute(acc, buf, sl, rb, wm):
+        loaded_sl, cc = buf
+        assert loaded_sl == sl, "the buffer decoded holds the slice whose x it is multiplied with"
+        visits[rb, wm, sl] += 1
+        for i in range(4):
+            for rt in range(BT):
+                afr, afr2 = [], []
+                dec = {}
+                for lane in range(32):
+                    wa, wb = (
+                        _decode(smem, bits, rl2, lane, *cc[rt, lane, h, i], dt).astype(np.float64) for h in range(2)
+                    )
+                    dec[lane] = (wa, wb)
+                    afr.append((wa[0:2], wb[0:2], wa[2:4], wb[2:4]))
+                    afr2.append((wa[4:6], wb[4:6], wa[6:8], wb[6:8]))
+                for nt in range(nt_cap):
+                    if nt >= n_tiles:
+                        continue  # warp-uniform skip of n-tiles past ceil(B/8)
+                    bfr, bfr2 = [], []
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        j = sl * SLICE + 4 * t + i
+                        xv = xs[min(nt * 8 + g, bsz - 1), 8 * j : 8 * j + 8] if j < g_n else np.zeros(8, dt)
+                        xd = xv.astype(np.float64)
+                        bfr.append((xd[0:2], xd[2:4]))
+                        bfr2.append((xd[4:6], xd[6:8]))
+                    _mma(acc[rt, nt], afr, bfr)
+                    _mma(acc[rt, nt], afr2, bfr2)
+
+    for rb in range(row_blocks):
+        for ks in range(ksplit):
+            s_first, s_stop = ks * sps, min(n_slices, ks * sps + sps)
+            red = np.zeros((BWK, BROWS, bsz), dtype=np.float32)
+            for warp in range(BWM * BWK):
+                wm, wk = warp % BWM, warp // BWM
+                acc = np.zeros((BT, nt_cap, 32, 4), dtype=np.float32)
+                # the kernel's loop, unrolled by two with buffers c0 / c1
+                c0 = c1 = None
+                sl = s_first + wk
+                if sl < s_stop:
+                    c0 = load(rb, wm, sl)
+                while sl < s_stop:
+                    sl1 = sl + BWK
+                    if sl1 < s_stop:
+                        c1 = load(rb, wm, sl1)
+                    compute(acc, c0, sl, rb, wm)
+                    if sl1 >= s_stop:
+                        break
+                    if sl1 + BWK < s_stop:
+                        c0 = load(rb, wm, sl1 + BWK)
+                    compute(acc, c1, sl1, rb, wm)
+                    sl += 2 * BWK
+                for rt in range(BT):
+                    for nt in range(nt_cap):
+                        for lane in range(32):
+                            g, t = lane // 4, lane % 4
+                            for q in range(4):
+                                rl = wm * BT * 16 + 16 * rt + g + 8 * (q >> 1)
+                                b = nt * 8 + 2 * t + (q & 1)
+                                if b < bsz:
+                                    red[wk, rl, b] = acc[rt, nt, lane, q]
+            part = np.zeros((BROWS, bsz), dtype=np.float32)
+            for w in range(BWK):  # fixed order
+                part = (part + red[w]).astype(np.float32)
+            for rl in range(BROWS):
+                r = rb * BROWS + rl
+                if r < m:
+                    ws[ks, :, r] = part[rl]
+        for rl in range(BROWS):
+            r = rb * BROWS + rl
+            if r < m:
+                tot = np.zeros(bsz, dtype=np.float32)
+                for s in range(ksplit):
+                    tot = (tot + ws[s, :, r]).astype(np.float32)
+                y[:, r] = tot * np.float32(row_scale[r].item()) * np.float32(tables.gain)
+    assert (visits == 1).all(), "every (row block, warp row, slice) is decoded exactly once"
+    return torch.from_numpy(y.astype(dt))
+
+
+@pytest.mark.parametrize(
+    "rate, m, k, bsz, ksplit",
+    [
+        (2, 136, 8 * 40, 16, 2),  # 2 row blocks (ragged), G = 40: a partial third slice, split-K
+        (3, 40, 8 * 37, 9, 1),  # G % 4 != 0 (scalar loads), rows past M inside the first block
+        (4, 24, 8 * 36, 40, 1),  # NT = 8 with 5 live n-tiles
+        (2, 16, 8 * 80, 64, 3),  # full batch, 5 slices over 3 splits of 2 (the last short)
+    ],
+    ids=["r2-ragged-rows-split", "r3-G37-B9", "r4-B40", "r2-B64-split3"],
+)
+def test_batched_model_matches_numerics_model(rate, m, k, bsz, ksplit):
+    codes, tables, row_scale = random_layer(rate, m, k, seed=rate + bsz)
+    x = torch.randn(bsz, k).half()
+    y = batched_model(x, codes, tables, row_scale, ksplit)
+    ref = kernel_numerics_model(x, codes, tables, row_scale)
+    assert rel_error(y, ref) <= 2 * unit_roundoff(torch.float16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,14 @@ def _check_devices(x: Tensor, *others: Tensor | None) -> None:
             raise ValueError(f"expected every tensor on {x.device} rather than {t.device}")
 
 
+def _table_dtype(x: Tensor) -> torch.dtype:
+    """The fused kernels read tables in x's dtype; the CPU reference and the dense path of large
+    batches (exact float32 decode, rounded once to x's dtype) take them in float32."""
+    if x.device.type == "cuda" and not ops.uses_dense_path(math.prod(x.shape[:-1])):
+        return x.dtype
+    return torch.float32
+
+
 def _kernel_args(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor):
     if x.device.type == "cuda" and x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"expected x float16 or bfloat16 on CUDA rather than {x.dtype}")
@@ -51,16 +60,16 @@ def _kernel_args(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_s
     _check_devices(x, *codes, row_scale)
     codes = [c.contiguous() for c in codes]
     row_scale = row_scale.to(torch.float32).contiguous()
-    # kernels read tables in x's dtype; the CPU reference keeps them in float32
-    table_dtype = x.dtype if x.device.type == "cuda" else torch.float32
-    table = tables.table(table_dtype, x.device)
+    table = tables.table(_table_dtype(x), x.device)
     return codes, table, row_scale
 
 
 def matmul(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor) -> Tensor:
     """Fused GLQ matmul: y = x · W̃ᵀ, decoding W̃ from its codes on the fly (never materialised on
-    CUDA). Equivalent to ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32
-    accumulation.
+    CUDA for up to ``ops.DENSE_BATCH_THRESHOLD`` rows). Equivalent to
+    ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32 accumulation. Larger batches
+    (prefill) decode W̃ once into a transient tensor in x's dtype (the float32 decode rounded
+    once) and call cuBLAS, so they need out x in elements of extra memory during the call.
 
     Args:
         x: (..., in) float16 or bfloat16 (any float dtype on the CPU).

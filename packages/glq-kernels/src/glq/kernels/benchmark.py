@@ -96,6 +96,67 @@ def make_sets(rate, out_f, in_f, batch):
     return n, layers, tables
 
 
+def dense_matmul(x, layer, tables):
+    """The large-batch path forced: dense decode (float32 tables) then cuBLAS."""
+    codes, _, row_scale = layer
+    tab = tables.table(torch.float32, x.device)
+    w = torch.ops.glq_cuda.dequantize(codes, tab, row_scale, tables.rate, tables.gain, x.dtype)
+    return F.linear(x, w)
+
+
+def fused_matmul(x, layer, tables):
+    """The fused MMA kernel (v3) forced at any batch, in chunks of 64 rows (the pre-dense path)."""
+    codes, _, row_scale = layer
+    tab = tables.table(x.dtype, x.device)
+    parts = [
+        torch.ops.glq_cuda.matmul(xb, codes, tab, row_scale, tables.rate, tables.gain, 0, 0, 1) for xb in x.split(64)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def prefill_rows(smoke: bool) -> list[str]:
+    """Large batches (prefill) on 4096x14336: the public matmul (dense path above
+    ops.DENSE_BATCH_THRESHOLD), the dense path and the chunked fused kernel forced, the dense decode
+    alone, and bf16 cuBLAS. The batch where "dense" overtakes "fused" is the threshold to set."""
+    from glq.kernels import ops
+
+    out = [
+        f"prefill, 4096x14336, bf16 (ops.DENSE_BATCH_THRESHOLD = {ops.DENSE_BATCH_THRESHOLD})",
+        "| batch | rate | glq us | dense us | dequantize only us | fused (64-row chunks) us | bf16 us "
+        "| speed-up | err/ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    out_f, in_f = SHAPES[0]
+    for batch in (64, 256, 2048) if smoke else (16, 64, 128, 256, 512, 2048):
+        tb = bench_bf16(out_f, in_f, batch)
+        for rate in (2, 4):
+            n, layers, tables = make_sets(rate, out_f, in_f, batch)
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+            c0, _, r0 = layers[0]
+            w = dequantize(c0, tables, r0)
+            exact = exact_matmul(x, w)
+            err = rel_error(matmul(x, c0, tables, r0), exact) / lowp_reference_error(x, w, exact)
+            w = exact = None
+            tab32 = tables.table(torch.float32, x.device)
+            t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+            td = time_graph(lambda i: dense_matmul(x, layers[i], tables), n)
+            tq = time_graph(
+                lambda i: torch.ops.glq_cuda.dequantize(
+                    layers[i][0], tab32, layers[i][2], rate, tables.gain, torch.bfloat16
+                ),
+                n,
+            )
+            tf = time_graph(lambda i: fused_matmul(x, layers[i], tables), n, replays=10)
+            out.append(
+                f"| {batch} | {rate} | {t * 1e6:.1f} | {td * 1e6:.1f} | {tq * 1e6:.1f} | {tf * 1e6:.1f} | "
+                f"{tb * 1e6:.1f} | {tb / t:.2f}x | {err:.2f} |"
+            )
+            print(out[-1], flush=True)
+            layers = None
+            torch.cuda.empty_cache()
+    return out
+
+
 def run(quick: bool, smoke: bool = False) -> list[str]:
     dev = torch.cuda.get_device_name(0)
     import triton
@@ -117,8 +178,8 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
 
     rows = [
         "| out x in | batch | rate | glq us | bf16 us | speed-up | glq TB/s | % of copy | err/ref "
-        "| MMA kernel (v3) us | v3 err/ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MMA kernel (v3) us | v3 err/ref | dense us | batched (v5) us | v5 err/ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     configs = []
     rates = [2, 3, 4, 8] if quick else list(range(2, 9))
@@ -154,6 +215,27 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
 
             e3 = rel_error(mma(0), exact) / lowp_reference_error(x, w, exact)
             v3 = f"| {time_graph(mma, n) * 1e6:.1f} | {e3:.2f} |"
+        # the large-batch path (decode once + cuBLAS) forced at batches the fused kernel takes:
+        # where it wins, ops.DENSE_BATCH_THRESHOLD should come down
+        if batch >= 16:
+            v3 += f" {time_graph(lambda i: dense_matmul(x, layers[i], tables), n) * 1e6:.1f} |"
+        else:
+            v3 += " - |"
+        # the register-tiled batched kernel (v5, opt-in via GLQ_KERNELS_BATCHED=1) forced
+        if batch > 8 and rate in (2, 3, 4):
+            tab = tables.table(x.dtype, x.device)
+
+            def batched(i):
+                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 3)
+
+            try:
+                e5 = rel_error(batched(0), exact) / lowp_reference_error(x, w, exact)
+                v3 += f" {time_graph(batched, n) * 1e6:.1f} | {e5:.2f} |"
+            except RuntimeError as e:
+                print(f"batched kernel failed: {e}", flush=True)
+                v3 += " failed | - |"
+        else:
+            v3 += " - | - |"
         w = exact = None
         nb = glq_bytes(rate, out_f, in_f, batch)
         rows.append(
@@ -163,6 +245,8 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
         print(rows[-1], flush=True)
         layers = None  # free the weight copies before the next shape
         torch.cuda.empty_cache()
+
+    pre = prefill_rows(smoke)
 
     # the full GLQ linear (both FHTs), batch 1 and 16, fp16
     lin = [
@@ -248,7 +332,7 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                     )
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
-    return [*lines, "", *rows, "", *lin, "", *fw, "", *var]
+    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var]
 
 
 def main(argv=None) -> int:

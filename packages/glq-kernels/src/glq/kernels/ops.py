@@ -2,6 +2,10 @@
 implementations, so they trace under ``torch.compile`` and capture in CUDA graphs. Each op's
 implementation asks :func:`select_backend` which backend runs it.
 
+Batches above :data:`DENSE_BATCH_THRESHOLD` rows (prefill) take the dense path instead of the fused
+kernels: W̃ is decoded once into a transient tensor in x's dtype and multiplied with cuBLAS
+(``F.linear``), then freed.
+
 These take already-validated, 2-D inputs; the documented entry points with checks and shape
 handling are :func:`glq.kernels.matmul`, :func:`glq.kernels.hadamard` and
 :func:`glq.kernels.glq_linear`.
@@ -13,49 +17,121 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import _warn_once, select_backend
 from .fwht.reference import hadamard_butterfly
-from .qmatmul.reference import matmul_reference
+from .qmatmul.reference import dequantize_reference, matmul_reference
 
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
 MAX_KERNEL_BATCH = 64
+# Batches of more rows than this decode W̃ once and call cuBLAS. The fused MMA kernel decodes W̃
+# again for every 64 rows and re-reads x per n-tile: 190 us at batch 64 on 4096x14336 where bf16
+# cuBLAS takes 48 us (H100), while one decode pass costs about one write of the dense weight
+# (~50 us predicted there) and is shared by the whole batch. 64 is a first guess; the
+# benchmark's "dense us" column (batch 16/64 rows) is what to tune it from on a GPU.
+DENSE_BATCH_THRESHOLD = 64
 GEMV_ENV = "GLQ_KERNELS_GEMV"
 FWHT_ENV = "GLQ_KERNELS_FWHT"
+DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
+# GLQ_KERNELS_BATCHED=1: batches 9..64 at rates 2..4 take the register-tiled batched kernel (v5,
+# variant 3). Opt-in until tests/kernels -m cuda and the benchmark have passed on a GPU.
+BATCHED_ENV = "GLQ_KERNELS_BATCHED"
+BATCHED_RATES = (2, 3, 4)
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
+_batched_failed: list[str] = []  # likewise for the batched kernel
 
 
 def _rate(bits: list[int]) -> int:
     return sum(bits) // 8
 
 
+def uses_dense_path(batch: int) -> bool:
+    """Whether a matmul of ``batch`` rows decodes W̃ densely and calls cuBLAS (all backends but the
+    reference, which is dense anyway). The public API also uses it to hand the ops float32 tables
+    for such batches, so the decode is exact before its one rounding to x's dtype."""
+    return batch > DENSE_BATCH_THRESHOLD
+
+
+# The CUDA extension's ops, behind module-level names so CPU tests can stand in for them.
+def _cuda_matmul(x: Tensor, codes, tables, row_scale, rate: int, gain: float, variant: int) -> Tensor:
+    return torch.ops.glq_cuda.matmul(x, codes, tables, row_scale, rate, gain, 0, 0, variant)
+
+
+def _cuda_dequantize(codes, tables, row_scale, rate: int, gain: float, dtype: torch.dtype) -> Tensor:
+    return torch.ops.glq_cuda.dequantize(codes, tables, row_scale, rate, gain, dtype)
+
+
+def _dequantize_impl(
+    backend: str, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype
+) -> Tensor:
+    """Dense W̃ (out, in) in ``dtype``: the float32 reference decode rounded once to ``dtype``."""
+    if backend == "cuda" and os.environ.get(DEQUANT_ENV, "") == "1":
+        # The kernel decodes from float32 tables; tables already rounded to fp16/bf16 (a direct op
+        # call at a large batch) are widened exactly, and then carry that one extra rounding.
+        if tables.dtype != torch.float32:
+            tables = tables.to(torch.float32)
+        return _cuda_dequantize(codes, tables.contiguous(), row_scale, _rate(bits), gain, dtype)
+    # Torch ops everywhere else: the Triton backend has no dequantize kernel, and on CUDA the
+    # kernel above has not run on a GPU yet (opt in with GLQ_KERNELS_DEQUANT=1 until the GPU tests
+    # pass). Same float32 numbers either way; torch takes a few passes where the kernel takes one.
+    return dequantize_reference(codes, tables, row_scale, bits, gain).to(dtype)
+
+
+@torch.library.custom_op("glq::dequantize", mutates_args=())
+def dequantize_op(
+    codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype: torch.dtype
+) -> Tensor:
+    """W̃ (out, in) in ``dtype`` = dequantize_reference(...) rounded once to ``dtype`` (tables
+    (S, 512, 8) float32 for that guarantee)."""
+    return _dequantize_impl(select_backend(codes[0].device), codes, tables, row_scale, bits, gain, dtype)
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(codes, tables, row_scale, bits, gain, dtype):
+    return codes[0].new_empty(codes[0].shape[0], codes[0].shape[1] * 8, dtype=dtype)
+
+
 @torch.library.custom_op("glq::matmul", mutates_args=())
 def matmul_op(
     x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float
 ) -> Tensor:
-    """y (B, out) = x (B, in) · W̃ᵀ. tables: (S, 512, 8) packed, in x's dtype for the kernels."""
+    """y (B, out) = x (B, in) · W̃ᵀ. tables: (S, 512, 8) packed, in x's dtype for the fused kernels,
+    float32 for the dense path (B > DENSE_BATCH_THRESHOLD; other dtypes work there too, with one
+    more rounding)."""
     backend = select_backend(x.device)
     if backend == "reference":
         return matmul_reference(x, codes, tables, row_scale, bits, gain)
+    if uses_dense_path(x.shape[0]):
+        # prefill: decode once, cuBLAS for the product; the transient W̃ is freed on return
+        w = _dequantize_impl(backend, codes, tables, row_scale, bits, gain, x.dtype)
+        return F.linear(x, w)
     if tables.dtype != x.dtype:
         tables = tables.to(x.dtype)
     x = x.contiguous()
     if backend == "cuda":
-        fn = torch.ops.glq_cuda.matmul
+        fn = _cuda_matmul
         rate = _rate(bits)
         # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) everywhere.
         variant = 1 if os.environ.get(GEMV_ENV, "") == "0" else 0
+        batched = os.environ.get(BATCHED_ENV, "") == "1" and rate in BATCHED_RATES
 
         def run(xb: Tensor) -> Tensor:
             if variant == 0 and xb.shape[0] <= 8 and not _gemv_failed:
                 try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, 0, 0, 0)
+                    return fn(xb, codes, tables, row_scale, rate, gain, 0)
                 except RuntimeError as e:  # a launch/plan failure of the new kernel: fall back
                     _gemv_failed.append(str(e))
                     _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
-            return fn(xb, codes, tables, row_scale, rate, gain, 0, 0, 1)
+            if batched and xb.shape[0] > 8 and not _batched_failed:
+                try:
+                    return fn(xb, codes, tables, row_scale, rate, gain, 3)
+                except RuntimeError as e:
+                    _batched_failed.append(str(e))
+                    _warn_once("batched", f"glq.kernels: batched CUDA kernel failed ({e}); using the MMA kernel")
+            return fn(xb, codes, tables, row_scale, rate, gain, 1)
 
     else:
         from .qmatmul.triton import matmul_triton

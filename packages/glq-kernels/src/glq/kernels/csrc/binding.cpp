@@ -16,12 +16,14 @@
 
 namespace {
 
-int dtype_code(const at::Tensor& t) {
-  if (t.scalar_type() == at::kHalf) return glq::kFloat16;
-  if (t.scalar_type() == at::kBFloat16) return glq::kBFloat16;
-  if (t.scalar_type() == at::kFloat) return 2;
+int dtype_code(at::ScalarType t) {
+  if (t == at::kHalf) return glq::kFloat16;
+  if (t == at::kBFloat16) return glq::kBFloat16;
+  if (t == at::kFloat) return 2;
   return -1;
 }
+
+int dtype_code(const at::Tensor& t) { return dtype_code(t.scalar_type()); }
 
 void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, "glq_cuda: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -155,18 +157,70 @@ at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
   return z;
 }
 
+// Dense W (M, K) in `dtype` (float16, bfloat16 or float32) decoded from float32 packed tables:
+// dequantize_reference(...) rounded once to dtype (see glq_dequantize_kernel).
+at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::Tensor& row_scale,
+                      int64_t rate, double gain, at::ScalarType dtype) {
+  TORCH_CHECK(!codes.empty() && static_cast<int64_t>(codes.size()) <= glq::kMaxStages,
+              "glq_cuda.dequantize: expected 1..", glq::kMaxStages, " code tensors");
+  const int nst = static_cast<int>(codes.size());
+  TORCH_CHECK(rate >= 2 && rate <= 8 && nst == (rate + 1) / 2,
+              "glq_cuda.dequantize: ", nst, " code tensors do not form rate ", rate);
+  TORCH_CHECK(codes[0].is_cuda() && codes[0].dim() == 2, "glq_cuda.dequantize: expected 2-D CUDA codes");
+  const int64_t M = codes[0].size(0), G = codes[0].size(1);
+  for (int s = 0; s < nst; ++s) {
+    const bool last8 = (rate % 2 == 1) && s == nst - 1;
+    TORCH_CHECK(codes[s].is_contiguous() && codes[s].device() == codes[0].device() && codes[s].dim() == 2 &&
+                    codes[s].size(0) == M && codes[s].size(1) == G,
+                "glq_cuda.dequantize: codes[", s, "] must be contiguous (", M, ", ", G, ") on ", codes[0].device());
+    TORCH_CHECK(codes[s].scalar_type() == (last8 ? at::kByte : at::kShort),
+                "glq_cuda.dequantize: codes[", s, "] has the wrong dtype");
+  }
+  TORCH_CHECK(tables.scalar_type() == at::kFloat && tables.is_contiguous() && tables.dim() == 3 &&
+                  tables.size(0) == nst && tables.size(1) == 512 && tables.size(2) == 8 &&
+                  tables.device() == codes[0].device(),
+              "glq_cuda.dequantize: tables must be contiguous float32 (", nst, ", 512, 8) on the codes' device");
+  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() && row_scale.numel() == M &&
+                  row_scale.device() == codes[0].device(),
+              "glq_cuda.dequantize: row_scale must be contiguous float32 (", M, ",) on the codes' device");
+  const int dt = dtype_code(dtype);
+  TORCH_CHECK(dt >= 0, "glq_cuda.dequantize: expected dtype float16, bfloat16 or float32 rather than ", dtype);
+  TORCH_CHECK(M * G < (int64_t{1} << 31), "glq_cuda.dequantize: more than 2^31 code groups");
+  c10::cuda::CUDAGuard guard(codes[0].device());
+  auto out = at::empty({M, G * 8}, codes[0].options().dtype(dtype));
+  if (M == 0 || G == 0) return out;
+  glq::DequantParams p{};
+  for (int s = 0; s < nst; ++s) p.codes[s] = codes[s].data_ptr();
+  p.tables = tables.data_ptr<float>();
+  p.row_scale = row_scale.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.M = static_cast<int>(M);
+  p.K = static_cast<int>(G * 8);
+  p.rate = static_cast<int>(rate);
+  p.dtype = dt;
+  p.gain = static_cast<float>(gain);  // torch rounds a Python-float factor to float32 the same way
+  check_cuda(glq::dequantize_run(p, codes[0].get_device(),
+                                 c10::cuda::getCurrentCUDAStream(codes[0].get_device()).stream()),
+             "dequantize launch");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glq_cuda, m) {
-  // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel
+  // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel,
+  // 3 register-tiled batched kernel (B <= 64, rates 2..4; never chosen by auto yet)
   m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");
   // variant: 1 per-level kernel (v1), 2 radix-16 kernel (v2); bit-identical results
   m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs, int variant=1) -> Tensor");
   m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, int variant=0) -> int[]",
         &matmul_plan_info);
+  // dense W (out, in) in dtype: the float32 reference decode rounded once (large-batch path)
+  m.def("dequantize(Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glq_cuda, CUDA, m) {
   m.impl("matmul", &matmul);
   m.impl("hadamard", &hadamard);
+  m.impl("dequantize", &dequantize);
 }

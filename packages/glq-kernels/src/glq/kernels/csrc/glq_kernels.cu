@@ -711,6 +711,188 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 }
 
 // ---------------------------------------------------------------------------------------------
+// register-tiled batched kernel (v5, batch 9..64; opt-in, not yet run on a GPU)
+//
+// Why: the MMA kernel (v3) at batch 16/64 is 0.84x/0.25x bf16 (H100). With one row tile per warp
+// at NT = 8 it reloads every x fragment (LDG.128 + clamp/select address math) for every 16 rows:
+// ~64 bytes of x per decoded code through L1 and ~90 SASS per code, against ~20 for the decode.
+// v5 keeps v4's decode and fragment mapping and changes the tiling:
+// * Register tile per warp: kBT = 2 row tiles (32 rows) x NT n-tiles (8 batch columns each,
+//   NT = 2/4/8 for B <= 16/32/64). For each group i of its slice a lane loads the NT x fragments
+//   (x rows nt*8+g, group j) once and feeds them to both row tiles; each decoded A fragment (rows
+//   g, g+8 of one row tile) feeds all NT n-tiles: 2*NT MMAs per decode, 2*kBT per x fragment.
+// * Warps in a 2-D grid: wm = warp % kBWM picks the warp's 32 rows of the item's kBRows = 128,
+//   wk = warp / kBWM its K slices (sl = s_first + wk, + kBWK, ...; slices of 16 groups, lane t
+//   owning groups 16*sl + 4t + i, i = 0..3, as in v4). The kBWM warps sharing wk read the same x
+//   fragments at about the same time, so x comes from L2 once per 128 rows (v4's K-only split
+//   would re-stream x from L2 for every item of 64 rows: 2x more, 117 MB at B = 64 on 4096x14336).
+// * Codes of a slice for both row tiles (one 8-byte load per row and 16-bit stage, as v4) sit in
+//   two register sets; the slice loop is unrolled by two so the set being filled for the next
+//   slice and the one being decoded are compile-time names (no register copies, the v1/v2 lesson).
+// * Reduction, fixed order: red[wk][local row][b] in shared memory, summed over wk = 0..kBWK-1 in
+//   order, then y or a split-K partial added by the last CTA of the row block in split order
+//   (integer counter, as v3/v4). No float atomics: bit-identical run to run.
+// * n-tiles past ceil(B/8) are skipped (warp-uniform branch); batch columns >= B read x row B-1
+//   and are never stored.
+// Registers (ptxas -v, sm_90, see notes/kernels.md): one CTA of 8 warps per SM; acc is
+// 4*kBT*NT = 64 floats at NT = 8, x fragments 4*NT = 32.
+
+constexpr int kBWM = 4;                  // warps along rows
+constexpr int kBWK = 2;                  // warps along K
+constexpr int kBWarps = kBWM * kBWK;
+constexpr int kBThreads = kBWarps * 32;
+constexpr int kBT = 2;                   // row tiles (16 rows) per warp and item
+constexpr int kBRows = kBWM * kBT * 16;  // rows per work item
+constexpr int kBMaxB = 64;
+
+template <typename T, int N16, bool HAS8, int RL2, int NT>
+__global__ void __launch_bounds__(kBThreads, 1)
+    glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+  extern __shared__ uint4 smem[];
+  __shared__ int s_last;
+  constexpr int REP = 1 << RL2;
+  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
+  const int G = p.K / 8;
+  const int B = p.B;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int wm = warp % kBWM;
+  const int wk = warp / kBWM;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const char* tab = reinterpret_cast<const char*>(smem) + (lane & (REP - 1)) * 16;
+  const int n_slices = (G + kSliceGroups - 1) / kSliceGroups;
+  const int slices_per_split = (n_slices + ksplit - 1) / ksplit;
+  const int n_tiles = (B + 7) / 8;
+  const bool vec = (G % 4) == 0;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  // batch column nt*8 + g of B reads x row min(nt*8 + g, B-1); 32-bit offsets (matmul_run checks
+  // B * x_stride < 2^31) save NT registers against 64-bit ones
+  int xoff[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
+  const int n_items = row_blocks * ksplit;
+
+  fill_tables<N16, HAS8, kBThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  __syncthreads();
+
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int rb = item % row_blocks;
+    const int ks = item / row_blocks;
+    const int row_base = rb * kBRows;
+    const int warp_row0 = row_base + wm * kBT * 16;  // row tile rt: warp_row0 + 16 rt + g (+ 8)
+    const int s_first = ks * slices_per_split;
+    const int s_stop = min(n_slices, s_first + slices_per_split);
+    const bool rows_ok = warp_row0 + kBT * 16 <= p.M;
+
+    float acc[kBT][NT][4];
+#pragma unroll
+    for (int rt = 0; rt < kBT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.f;
+
+    auto load = [&](SliceCodes<N16, HAS8> (&dst)[kBT], int sl_) {
+      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+#pragma unroll
+      for (int rt = 0; rt < kBT; ++rt)
+        load_slice(dst[rt], p, warp_row0 + 16 * rt + g, sl_ * kSliceGroups + 4 * t, G, fast);
+    };
+    // one slice: for each of the lane's 4 groups, NT x fragments, then both row tiles' decodes
+    auto compute = [&](const SliceCodes<N16, HAS8> (&cur)[kBT], int sl_) {
+      const int j0 = sl_ * kSliceGroups + 4 * t;
+      const bool inside = vec && sl_ * kSliceGroups + kSliceGroups <= G;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + i;
+        uint4 xf[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          // groups past G must be zero: their codes read as 0 but still decode to table entries
+          xf[nt] = (inside || j < G) ? __ldg(reinterpret_cast<const uint4*>(x + xoff[nt] + 8 * j))
+                                     : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int rt = 0; rt < kBT; ++rt) {
+          const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 0, i, tab);  // row g
+          const uint4 wb = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 1, i, tab);  // row g + 8
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (nt < n_tiles) {
+              TypeOps<T>::mma(acc[rt][nt], wa.x, wb.x, wa.y, wb.y, xf[nt].x, xf[nt].y);
+              TypeOps<T>::mma(acc[rt][nt], wa.z, wb.z, wa.w, wb.w, xf[nt].z, xf[nt].w);
+            }
+          }
+        }
+      }
+    };
+
+    SliceCodes<N16, HAS8> c0[kBT], c1[kBT];
+    int sl = s_first + wk;
+    if (sl < s_stop) load(c0, sl);
+    for (; sl < s_stop; sl += 2 * kBWK) {
+      const int sl1 = sl + kBWK;
+      if (sl1 < s_stop) load(c1, sl1);
+      compute(c0, sl);
+      if (sl1 >= s_stop) break;
+      if (sl1 + kBWK < s_stop) load(c0, sl1 + kBWK);
+      compute(c1, sl1);
+    }
+
+    // Cross-warp reduction. acc[rt][nt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t),
+    // (row g+8, col 2t+1); red[(wk * kBRows + local row) * B + b].
+#pragma unroll
+    for (int rt = 0; rt < kBT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int rl = wm * kBT * 16 + 16 * rt + g + 8 * (q >> 1);
+          const int b = nt * 8 + 2 * t + (q & 1);
+          if (b < B) red[(wk * kBRows + rl) * B + b] = acc[rt][nt][q];
+        }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kBRows * B; idx += kBThreads) {
+      const int rl = idx % kBRows;
+      const int b = idx / kBRows;
+      const int r = row_base + rl;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kBWK; ++w) sum += red[(w * kBRows + rl) * B + b];  // fixed order
+      if (r < p.M) {
+        if (ksplit == 1)
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        else
+          p.workspace[(static_cast<long long>(ks) * B + b) * p.M + r] = sum;
+      }
+    }
+    if (ksplit > 1) {
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        for (int idx = threadIdx.x; idx < kBRows * B; idx += kBThreads) {
+          const int r = row_base + idx % kBRows;
+          const int b = idx / kBRows;
+          if (r >= p.M) continue;
+          float sum = 0.f;
+          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
+            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * B + b) * p.M + r]);
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        }
+        if (threadIdx.x == 0) p.counters[rb] = 0;
+      }
+    }
+    __syncthreads();  // red and s_last are reused by the next item
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // kernel selection
 
 struct KernelInfo {
@@ -792,6 +974,31 @@ GemvInfo pick_gemv(int rate, int dtype) {
   return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
 }
 
+// v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each
+// already add 18 kernels to the build). Same table copies as v4.
+template <typename T, int N16, bool HAS8>
+GemvInfo batched_nt(int B) {
+  constexpr int RL2 = N16 == 1 ? 3 : 2;
+  if (B <= 16) return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>), RL2};
+  if (B <= 32) return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>), RL2};
+  return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8>), RL2};
+}
+
+template <typename T>
+GemvInfo batched_rate(int rate, int B) {
+  switch (rate) {
+    case 2: return batched_nt<T, 1, false>(B);
+    case 3: return batched_nt<T, 1, true>(B);
+    case 4: return batched_nt<T, 2, false>(B);
+    default: return {nullptr, 0};
+  }
+}
+
+GemvInfo pick_batched(int rate, int dtype, int B) {
+  if (B < 1 || B > kBMaxB) return {nullptr, 0};
+  return dtype == kFloat16 ? batched_rate<__half>(rate, B) : batched_rate<__nv_bfloat16>(rate, B);
+}
+
 // CTAs of `fn` resident per SM with `smem` bytes of dynamic shared memory (which this also
 // allows for `fn`), and the SM count: what both planners size their grids from.
 cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* per_sm, int* sms) {
@@ -857,6 +1064,47 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, 
   return cudaSuccess;
 }
 
+// Plan of the batched kernel (v5). Work items are 128-row blocks x K splits; split choice as
+// gemv_plan's, with a step being one slice for the 2 row tiles of a warp.
+int batched_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
+  const GemvInfo k = pick_batched(rate, dtype, B);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  const int smem = table_entries(rate) * 16 * (1 << k.rl2) + kBWK * kBRows * B * 4;
+  int per_sm = 0, sms = 0;
+  const cudaError_t err = occupancy(k.fn, kBThreads, smem, device, &per_sm, &sms);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int slots = per_sm * sms;
+  const int row_blocks = (M + kBRows - 1) / kBRows;
+  const int G = K / 8;
+  const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
+  if (ksplit <= 0) {
+    double best = 1e30;
+    ksplit = 1;
+    for (int s = 1; s <= std::min(n_slices, 64); ++s) {
+      if (realised_split(n_slices, s) != s) continue;
+      const int sps = (n_slices + s - 1) / s;
+      const int items = row_blocks * s;
+      const int waves = (items + slots - 1) / slots;
+      const int steps = (sps + kBWK - 1) / kBWK;
+      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
+      if (cost < best - 1e-9) {
+        best = cost;
+        ksplit = s;
+      }
+    }
+  }
+  ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
+  plan->rows_per_cta = kBRows;
+  plan->row_blocks = row_blocks;
+  plan->ksplit = ksplit;
+  plan->grid = std::min(row_blocks * ksplit, slots);
+  plan->rep = 1 << k.rl2;
+  plan->smem_bytes = smem;
+  plan->kernel = kKernelBatched;
+  return cudaSuccess;
+}
+
 int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
              MatmulPlan* plan) {
   const KernelInfo k = pick_kernel(rate, dtype, B);
@@ -912,6 +1160,7 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan) {
   if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
+  if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
     // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
     if (gemv_plan(B, M, K, rate, dtype, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
@@ -932,6 +1181,16 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
+  if (plan.kernel == kKernelBatched) {
+    const GemvInfo k = pick_batched(p.rate, p.dtype, p.B);
+    if (k.fn == nullptr || p.x_stride * p.B >= (1LL << 31)) return cudaErrorInvalidValue;
+    void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
+                    const_cast<int*>(&plan.ksplit)};
+    cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kBThreads), args,
+                                       static_cast<size_t>(plan.smem_bytes), stream);
+    if (err != cudaSuccess) return err;
+    return cudaGetLastError();
+  }
   const KernelInfo k = pick_kernel(p.rate, p.dtype, p.B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   int rep_log2 = 0;
@@ -940,6 +1199,171 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
                   const_cast<int*>(&plan.ksplit), &rep_log2};
   cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
                                      static_cast<size_t>(plan.smem_bytes), stream);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------------------------
+// dense decode for large batches (prefill): W̃ once into a transient (M, K) tensor, then cuBLAS
+//
+// Why: above ~64 batch rows the fused kernels decode W again for every 64 rows and their x
+// traffic grows with the batch (notes/kernels.md: 190 us at batch 64 on 4096x14336 where bf16
+// cuBLAS takes 48 us), while one decode pass costs about one write of M*K output values (~47 us
+// for 4096x14336 in bf16 at the H100's copy rate) and is then shared by every row of the batch.
+//
+// Numerics: dequantize_reference's float32 arithmetic exactly, then one rounding.
+// * Tables are read in float32 (the packed values, not the fp16/bf16 copies the fused kernels use).
+// * A 16-bit code's signs flip the entry's sign bit (exact, as the reference's -v).
+// * Stages are added in stage order to an accumulator starting at +0.0 (the reference's
+//   zeros() += decode_s; +0 + -0 = +0 in both), each an IEEE float32 add (__fadd_rn: no FMA
+//   contraction can change it).
+// * scale = row_scale[r] * gain in float32 (torch multiplies a float32 tensor by a Python float
+//   in float32 with the scalar rounded to float32 first; the binding rounds gain the same way),
+//   then acc * scale (__fmul_rn).
+// * The float32 product is rounded once to the output dtype with round-to-nearest-even
+//   (__floats2half2_rn / __floats2bfloat162_rn, as torch's .to(dtype)), or stored as is for float32.
+// So out == dequantize_reference(...).to(dtype) bit for bit (tests/kernels/test_cuda.py).
+// Layout: one thread per (row, group) and iteration, grid-stride over the M*G groups in memory
+// order: codes are (M, G) contiguous and out is (M, K) = (M*G, 8) contiguous, so a warp reads 32
+// consecutive codes per stage and writes 32 consecutive 16-byte (32 for float32) vectors. Each
+// thread keeps kDequantUnroll groups in flight so their code loads overlap. Tables sit in shared
+// memory (16 KiB per 16-bit stage, 8 KiB for an 8-bit one), copied once per CTA; the kernel should
+// be bound by its writes (8 output values per 2 bytes of code at 2 bpw).
+
+namespace {
+
+constexpr int kDequantThreads = 512;
+constexpr int kDequantUnroll = 2;
+
+template <typename OutT>
+__device__ __forceinline__ void store8(OutT* dst, const float (&v)[8]);
+
+template <>
+__device__ __forceinline__ void store8<float>(float* dst, const float (&v)[8]) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+template <>
+__device__ __forceinline__ void store8<__half>(__half* dst, const float (&v)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const __half2 h = __floats2half2_rn(v[2 * k], v[2 * k + 1]);  // .x (low half, lower address) = v[2k]
+    w[k] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <>
+__device__ __forceinline__ void store8<__nv_bfloat16>(__nv_bfloat16* dst, const float (&v)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    w[k] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename OutT, int N16, bool HAS8>
+__global__ void __launch_bounds__(kDequantThreads) glq_dequantize_kernel(const DequantParams p) {
+  extern __shared__ float4 dq_tab[];  // entry e's 8 floats: dq_tab[2e], dq_tab[2e + 1]
+  // The 8-bit stage, if any, is the last: the used entries are the first kEntries rows of the
+  // (S, 512, 8) table, stage-major, so the fill is one contiguous copy.
+  constexpr int kEntries = N16 * 512 + (HAS8 ? 256 : 0);
+  const float4* __restrict__ tg = reinterpret_cast<const float4*>(p.tables);
+  for (int i = threadIdx.x; i < 2 * kEntries; i += kDequantThreads) dq_tab[i] = __ldg(tg + i);
+  __syncthreads();
+
+  const unsigned G = static_cast<unsigned>(p.K) / 8u;
+  const unsigned n = static_cast<unsigned>(p.M) * G;  // < 2^31 (dequantize_run checks)
+  const unsigned stride = gridDim.x * kDequantThreads;
+  OutT* __restrict__ out = static_cast<OutT*>(p.out);
+  for (unsigned base = blockIdx.x * kDequantThreads + threadIdx.x; base < n; base += stride * kDequantUnroll) {
+    uint32_t c16[kDequantUnroll][N16];
+    uint32_t c8[kDequantUnroll];
+    float rs[kDequantUnroll];
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const unsigned idx = base + u * stride;
+      const bool ok = idx < n;
+#pragma unroll
+      for (int s = 0; s < N16; ++s)
+        c16[u][s] = ok ? __ldg(static_cast<const unsigned short*>(p.codes[s]) + idx) : 0u;
+      c8[u] = (HAS8 && ok) ? __ldg(static_cast<const unsigned char*>(p.codes[N16]) + idx) : 0u;
+      rs[u] = ok ? __ldg(p.row_scale + idx / G) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const unsigned idx = base + u * stride;
+      if (idx >= n) continue;
+      float acc[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+#pragma unroll
+      for (int s = 0; s < N16; ++s) {
+        const uint32_t c = c16[u][s];
+        const float4* e = dq_tab + 2 * (s * 512 + static_cast<int>(c >> 7));
+        const float4 a = e[0], b = e[1];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        // sign bits of coordinates 0..7: c & 127, and the parity of that for coordinate 7 (the
+        // table already carries parity[pattern] there)
+        const uint32_t lo = c & 127u;
+        const uint32_t sg = lo | ((static_cast<uint32_t>(__popc(lo)) & 1u) << 7);
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          acc[k] = __fadd_rn(acc[k], __uint_as_float(__float_as_uint(v[k]) ^ (((sg >> k) & 1u) << 31)));
+      }
+      if constexpr (HAS8) {
+        const float4* e = dq_tab + 2 * (N16 * 512 + static_cast<int>(c8[u]));
+        const float4 a = e[0], b = e[1];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = __fadd_rn(acc[k], v[k]);
+      }
+      const float scale = __fmul_rn(rs[u], p.gain);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = __fmul_rn(acc[k], scale);
+      store8<OutT>(out + 8ull * idx, acc);
+    }
+  }
+}
+
+template <typename OutT>
+const void* dequant_fn(int rate) {
+  switch (rate) {
+    case 2: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 1, false>);
+    case 3: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 1, true>);
+    case 4: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 2, false>);
+    case 5: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 2, true>);
+    case 6: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 3, false>);
+    case 7: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 3, true>);
+    case 8: return reinterpret_cast<const void*>(&glq_dequantize_kernel<OutT, 4, false>);
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+int dequantize_run(const DequantParams& p, int device, cudaStream_t stream) {
+  if (p.M < 0 || p.K < 0 || p.K % 8 != 0) return cudaErrorInvalidValue;
+  const long long n = static_cast<long long>(p.M) * (p.K / 8);
+  if (n >= (1LL << 31)) return cudaErrorInvalidValue;  // 32-bit group indices in the kernel
+  if (n == 0) return cudaSuccess;
+  const void* fn = p.dtype == kFloat16    ? dequant_fn<__half>(p.rate)
+                   : p.dtype == kBFloat16 ? dequant_fn<__nv_bfloat16>(p.rate)
+                   : p.dtype == 2         ? dequant_fn<float>(p.rate)
+                                          : nullptr;
+  if (fn == nullptr) return cudaErrorInvalidValue;
+  const int smem = table_entries(p.rate) * 32;
+  int per_sm = 0, sms = 0;
+  cudaError_t err = occupancy(fn, kDequantThreads, smem, device, &per_sm, &sms);
+  if (err != cudaSuccess) return err;
+  const long long per_cta = static_cast<long long>(kDequantThreads) * kDequantUnroll;
+  const int grid = static_cast<int>(std::max(1LL, std::min<long long>(std::max(per_sm, 1) * sms, (n + per_cta - 1) / per_cta)));
+  void* args[] = {const_cast<DequantParams*>(&p)};
+  err = cudaLaunchKernel(fn, dim3(grid), dim3(kDequantThreads), args, static_cast<size_t>(smem), stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

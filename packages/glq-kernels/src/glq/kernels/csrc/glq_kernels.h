@@ -15,8 +15,9 @@ constexpr int kMaxHadamardLog2 = 15;  // 32768 floats = 128 KiB of shared memory
 enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // Matmul kernels: kKernelAuto picks the small-batch kernel for B <= 8 (falling back to the MMA
-// kernel if it cannot be planned), the MMA kernel otherwise.
-enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2 };
+// kernel if it cannot be planned), the MMA kernel otherwise. kKernelBatched (register-tiled,
+// batch 1..64, rates 2..4) is only used when asked for: it has not run on a GPU yet.
+enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3 };
 
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
@@ -26,7 +27,7 @@ struct MatmulPlan {
   int grid;          // persistent CTAs
   int rep;           // table copies in shared memory (1, 2, 4 or 8)
   int smem_bytes;    // dynamic shared memory per CTA
-  int kernel;        // MatmulKernel actually planned (kKernelMma or kKernelGemv)
+  int kernel;        // MatmulKernel actually planned (kKernelMma, kKernelGemv or kKernelBatched)
 };
 
 struct MatmulParams {
@@ -66,11 +67,25 @@ enum HadamardKernel : int {
   kHadamardRadix16 = 2,  // up to four levels per pass in registers, one barrier per pass (v2)
 };
 
+// Dense decode for large batches (the caller then runs cuBLAS on the result): out (M, K) =
+// dequantize_reference(codes, tables, row_scale) rounded once to `dtype`.
+struct DequantParams {
+  const void* codes[kMaxStages];  // as MatmulParams::codes
+  const float* tables;            // (S, 512, 8) float32, packed (not rounded to the output dtype)
+  const float* row_scale;         // (M,)
+  void* out;                      // (M, K) contiguous, `dtype`
+  int M, K;
+  int rate;   // 2..8
+  int dtype;  // DType, or 2 for float32
+  float gain;
+};
+
 // All return a cudaError_t (cudaSuccess == 0).
 // variant: MatmulKernel. rep > 0 (table copies of the MMA kernel) implies the MMA kernel in auto.
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan);
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream);
 int hadamard_run(const HadamardParams& p, cudaStream_t stream);
+int dequantize_run(const DequantParams& p, int device, cudaStream_t stream);
 
 }  // namespace glq
