@@ -8,7 +8,9 @@ from importlib import resources
 
 import torch
 
+from . import roundtrip
 from .reference import StageTable
+from .roundtrip import PairSums
 from .stages import OrbitStage, TableStage
 
 TABLES_FILE = "tables_v1.pt"
@@ -42,6 +44,11 @@ DEFAULT_BEAM = 8
 FIRST_WIDTH = {2: 0, 3: 64, 4: 64, 5: 0, 6: 0, 7: 0, 8: 0}
 # Rates whose encoder is exact nearest (the beam answer certified or completed, Codec._complete).
 EXACT = frozenset({3})
+# Rates whose encoder finds every decoded point again by default (Codec._round_trip,
+# glq.lattice.roundtrip): the beam answer stays, except that a row found to be a decoded point
+# gets a code decoding to it bit for bit. Costs 1-10% of the encode time at 4-6 bpw; at 7-8 bpw
+# (two stages to peel, 131k-262k float tests per row) 5x / 35x, so there only with exact=True.
+ROUND_TRIP = frozenset({4, 5, 6})
 # Sign vectors scored per candidate pattern of a 16-bit stage (stages.OrbitStage.candidates).
 # The shipped tables for rates 2-7 were trained with 1 and their scales fitted with 3; 3 missed
 # decoded points whose stage-1 code flips the 4th-6th cheapest coordinate of a pattern.
@@ -98,11 +105,15 @@ class Codec:
         # Sign vectors per pattern among 16-bit candidates (generate.py pins the searches the
         # shipped tables were trained and fitted with to reproduce them).
         self.sign_variants = sign_variants
-        # Exact nearest by default (certified, see _complete): only [16-bit, 8-bit] codes (3 bpw).
-        self._can_be_exact = [st.bits for st in stages] == [16, 8]
-        if exact and not self._can_be_exact:
-            raise ValueError("exact encoding needs a [16-bit, 8-bit] code (3 bpw)")
+        # exact: [16-bit, 8-bit] codes (3 bpw) are certified exact nearest (_complete); codes
+        # starting [16-bit, 16-bit] (4-8 bpw) get exact round trips (_round_trip).
+        kinds = [st.bits for st in stages]
+        self._can_be_exact = kinds == [16, 8]
+        self._can_round_trip = kinds[:2] == [16, 16]
+        if exact and not (self._can_be_exact or self._can_round_trip):
+            raise ValueError("exact encoding needs a [16, 8] code or one starting [16, 16] (3-8 bpw)")
         self.exact = exact
+        self._pairs: dict[torch.device, PairSums] = {}
 
     @property
     def bits(self) -> int:
@@ -139,16 +150,23 @@ class Codec:
         kept, so the result is never worse than greedy residual coding (``beam=1`` is greedy).
         At the rates in ``EXACT`` (3 bpw) the answer is then certified or completed to the
         exact nearest of all codes (:meth:`_complete`), so decode(encode(decode(c))) ==
-        decode(c) for every code there. ``exact=False`` skips that step (1.5x faster at 3 bpw
-        on a CPU, ~0.05% higher MSE, ~2 decoded points per 10,000 come back as other codes).
+        decode(c) for every code there. At the rates in ``ROUND_TRIP`` (4-6 bpw) the search
+        stays the beam's, but a row that is a decoded point is always recognised and gets a code
+        that decodes to it bit for bit (:meth:`_round_trip`), so decode(encode(decode(c))) ==
+        decode(c) for every code there too; other rows get the beam's codes unchanged.
+        ``exact=False`` skips either step (3 bpw: 1.5x faster on a CPU, ~0.05% higher MSE;
+        4-6 bpw: 1-10% faster, and some decoded points come back as other codes: 0.3% of
+        decoded Gaussians at 4 bpw, 2-3% at 5-6, 2-25% of uniformly random codes). At 7-8 bpw
+        the round-trip step is off by default (5x / 35x the encode time on a CPU);
+        ``exact=True`` turns it on. 2 bpw is always exact nearest.
         """
         x = self._check_x(x)
         beam = self.beam if beam is None else beam
         if beam < 1:
             raise ValueError(f"beam must be >= 1 rather than {beam}")
         exact = self.exact if exact is None else exact
-        if exact and not self._can_be_exact:
-            raise ValueError(f"exact encoding is only available at 3 bpw, not {self.bpw}")
+        if exact and not (self._can_be_exact or self._can_round_trip):
+            raise ValueError(f"exact encoding is only available at 3-8 bpw, not {self.bpw}")
         chunk = _ENC_CHUNK if x.device.type == "cpu" else _ENC_CHUNK_CUDA
         parts = [self._encode_chunk(xs, beam, exact) for xs in x.split(chunk)]
         codes = [torch.cat(c) for c in zip(*parts, strict=True)]
@@ -170,7 +188,8 @@ class Codec:
             return [st0.nearest(x / s0)]
         m = x.shape[0]
         first = max(beam, self.first_width) if beam > 1 else 1  # beam 1 stays plain greedy
-        certify = (self.exact if exact is None else exact) and beam > 1
+        exact = (self.exact if exact is None else exact) and beam > 1
+        certify = exact and self._can_be_exact
         if certify:
             c0, _, outside = st0.candidates_bounded(x / s0, first, self.sign_variants)  # (m, B0), (m,)
         else:
@@ -192,6 +211,8 @@ class Codec:
                 out = [p[rows[:, 0], best] for p in paths] + [cj.reshape(m, b)[rows[:, 0], best]]
                 if certify:
                     self._complete(x, out, e_best, s0 * outside.clamp_min(0.0).sqrt())
+                elif exact and self._can_round_trip:
+                    self._round_trip(x, out, e_best)
                 return out
             # Path 0 extended by its nearest codeword is the greedy path: keep it in slot 0.
             pri = err.clone()
@@ -237,6 +258,55 @@ class Codec:
         rows = (first < r.numel()).nonzero().squeeze(1)
         out[0][rows] = a[first[rows]]
         out[1][rows] = t[first[rows]]
+
+    def _round_trip(self, x: torch.Tensor, out: list[torch.Tensor], e_best: torch.Tensor) -> None:
+        """Give every row that is a decoded point a code that decodes to it (in place on ``out``).
+
+        Rows the beam matched exactly (error 0) are done. The others go through the float32
+        filter of :mod:`glq.lattice.roundtrip` (at 5-8 bpw per candidate of the stages after
+        the first two); the few
+        that pass are decomposed, and a candidate code replaces the beam's only if ``decode``
+        gives back the row bit for bit.
+        """
+        rows = (e_best > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        if x.device not in self._pairs:
+            self._pairs[x.device] = PairSums(self.stages[0], self.scales[0], self.stages[1], self.scales[1], x.device)
+        pairs = self._pairs[x.device]
+        y = x[rows]
+        if len(self.stages) == 2:
+            keep = torch.arange(rows.numel(), device=x.device)
+            yd = y.double()
+            for i in range(8):  # y itself must be a sum of the first two stages, exactly
+                keep = keep[pairs.hit(i, yd[keep, i], 0.0)]  # an exact value: one bucket
+            items, tail = keep, None
+            c, h = yd[keep], torch.zeros_like(yd[keep])
+        else:
+            tail_st, tail_sc = self.stages[2:], self.scales[2:]
+            items, tail = roundtrip.peel_candidates(pairs, tail_st, tail_sc, y)
+            w = sum((sc * st.decode(cc)).double() for st, sc, cc in zip(tail_st, tail_sc, tail, strict=True))
+            c = y[items].double() - w
+            w_max = roundtrip.abs_max(tail_st[-1], tail_sc[-1], x.device)
+            h = roundtrip.tail_window(y[items], len(tail_st), w_max)
+        if items.numel() == 0:
+            return
+        it, a, b = pairs.decompose(c, h)
+        if it.numel() == 0:
+            return
+        r = items[it]  # row of y per candidate
+        cand = [a, b] + ([] if tail is None else [t[it] for t in tail])
+        dec = self.decode(tuple(self._store(st, cc) for st, cc in zip(self.stages, cand, strict=True)))
+        good = (dec == y[r]).all(1).nonzero().squeeze(1)
+        if good.numel() == 0:
+            return
+        # first exact candidate per row
+        first = torch.full((rows.numel(),), good.numel(), device=x.device, dtype=good.dtype)
+        first.scatter_reduce_(0, r[good], torch.arange(good.numel(), device=x.device), "amin")
+        hit_rows = (first < good.numel()).nonzero().squeeze(1)
+        pick = good[first[hit_rows]]
+        for s, cc in enumerate(cand):
+            out[s][rows[hit_rows]] = cc[pick]
 
     @staticmethod
     def _store(st: OrbitStage | TableStage, c: torch.Tensor) -> torch.Tensor:
@@ -294,7 +364,7 @@ def codec(bpw: int) -> Codec:
     """The GLQ code at ``bpw`` bits per weight (an int in 2..8). Cached; tables load lazily."""
     if isinstance(bpw, bool) or not isinstance(bpw, int) or bpw not in LAYOUT:
         raise ValueError(f"bpw must be one of {list(RATES)} rather than {bpw!r}")
-    return build(bpw, _load(), BEAM[bpw], FIRST_WIDTH[bpw], exact=bpw in EXACT)
+    return build(bpw, _load(), BEAM[bpw], FIRST_WIDTH[bpw], exact=bpw in EXACT or bpw in ROUND_TRIP)
 
 
 def gaussian_bound(bpw: float) -> float:

@@ -39,9 +39,18 @@ class QuantizedLayer:
 
 
 def _encoder(code):
-    """(n, 8) -> (n, 8) reconstruction through the code (unit-variance units)."""
+    """(n, 8) -> (n, 8) reconstruction through the code (unit-variance units).
+
+    LDLQ's targets are never decoded points, so the round-trip step of 4-6 bpw (which only
+    recognises decoded points) is skipped here; 3 bpw keeps its exact-nearest completion. The
+    final encode of the chosen points (quantize_linear) keeps the default, so the stored codes
+    decode to exactly the points LDLQ chose."""
+    from glq.lattice.codec import EXACT
+
+    exact = code.bpw in EXACT
+
     def quantize(x: torch.Tensor) -> torch.Tensor:
-        return code.decode(code.encode(x)).to(x.dtype)
+        return code.decode(code.encode(x, exact=exact)).to(x.dtype)
     return quantize
 
 
@@ -72,7 +81,7 @@ def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw:
     ht32 = ht.to(torch.float32)
     qn = _ldlq.ldlq(wn, ht, quantize)
     qn = _ldlq.refine(wn, qn, ht32, quantize, tune_iters)
-    codes = code.encode(qn.reshape(-1, 8))
+    codes = code.encode(qn.reshape(-1, 8))  # exact round trips at 2-6 bpw: the very points chosen
     qn = code.decode(codes).reshape(out_features, in_features).to(qn.device)
     # With the codes fixed, each row's best scale has a closed form under H:
     # s = <q, w>_H / <q, q>_H. It shrinks rows whose codes overshoot and never raises the loss.
