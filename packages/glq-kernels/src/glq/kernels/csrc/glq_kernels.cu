@@ -259,6 +259,57 @@ __device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict
 
 // Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, NT n-tiles of 8 batch
 // rows, R row tiles (16 rows) per warp, PF chunks of codes prefetched ahead in registers.
+// Split-K arrival, called by every thread once this CTA's partial sums of row block rb are in the
+// workspace: the last of the ksplit CTAs to arrive sums every split's slice in split order (so the
+// result is bit-identical run to run, with no float atomics), writes y for rows [rbase, rbase +
+// rows) and re-arms the block's counter for the next launch.
+template <typename T, int NTHREADS>
+__device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restrict__ y, int rb, int rbase,
+                                               int rows, int ksplit, int& s_last) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < rows * p.B; idx += NTHREADS) {
+    const int r = rbase + idx % rows;
+    const int b = idx / rows;
+    if (r >= p.M) continue;
+    float sum = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
+      sum += __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b) * p.M + r]);
+    y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+  }
+  if (threadIdx.x == 0) p.counters[rb] = 0;
+}
+
+// The small-batch and batched kernels' item epilogue: red holds PARTS partial sums per (row, batch
+// column) of the item's ROWS rows (red[(part * ROWS + row) * B + b]); they are added in part order,
+// then written to y (one split) or to this split's workspace slice, and the last split finishes.
+template <typename T, int ROWS, int PARTS, int NTHREADS>
+__device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, const float* red, int rb,
+                                           int row_base, int ks, int ksplit, int& s_last) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < ROWS * p.B; idx += NTHREADS) {
+    const int rl = idx % ROWS;
+    const int b = idx / ROWS;
+    const int r = row_base + rl;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < PARTS; ++w) sum += red[(w * ROWS + rl) * p.B + b];  // fixed order
+    if (r < p.M) {
+      if (ksplit == 1)
+        y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+      else
+        p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = sum;
+    }
+  }
+  if (ksplit > 1) finish_split_k<T, NTHREADS>(p, y, rb, row_base, ROWS, ksplit, s_last);
+  __syncthreads();  // red and s_last are reused by the next item
+}
+
 template <typename T, int N16, bool HAS8, int NT, int R, int PF>
 __global__ void __launch_bounds__(kThreads, 2)
     glq_matmul_kernel(const MatmulParams p, const int row_blocks, const int ksplit,
@@ -399,25 +450,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             if (r < p.M && b < p.B)
               p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = acc[rt][nt][q];
           }
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        const int rbase = rb * rows_per_cta;
-        for (int idx = threadIdx.x; idx < rows_per_cta * p.B; idx += kThreads) {
-          const int r = rbase + idx % rows_per_cta;
-          const int b = idx / rows_per_cta;
-          if (r >= p.M) continue;
-          float sum = 0.f;
-#pragma unroll 4
-          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
-            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b) * p.M + r]);
-          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-        }
-        if (threadIdx.x == 0) p.counters[rb] = 0;
-      }
+      finish_split_k<T, kThreads>(p, y, rb, rb * rows_per_cta, rows_per_cta, ksplit, s_last);
     }
   }
 }
@@ -672,41 +705,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         const int b = 2 * t + (q & 1);
         if (b < B) red[(warp * kGemvRows + rl) * B + b] = acc[rt][q];
       }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kGemvRows * B; idx += kGemvThreads) {
-      const int rl = idx % kGemvRows;
-      const int b = idx / kGemvRows;
-      const int r = row_base + rl;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kGemvWarps; ++w) sum += red[(w * kGemvRows + rl) * B + b];  // fixed order
-      if (r < p.M) {
-        if (ksplit == 1)
-          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-        else
-          p.workspace[(static_cast<long long>(ks) * B + b) * p.M + r] = sum;
-      }
-    }
-    if (ksplit > 1) {
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        for (int idx = threadIdx.x; idx < kGemvRows * B; idx += kGemvThreads) {
-          const int r = row_base + idx % kGemvRows;
-          const int b = idx / kGemvRows;
-          if (r >= p.M) continue;
-          float sum = 0.f;
-          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
-            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * B + b) * p.M + r]);
-          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-        }
-        if (threadIdx.x == 0) p.counters[rb] = 0;
-      }
-    }
-    __syncthreads();  // red and s_last are reused by the next item
+    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
   }
 }
 
@@ -854,41 +853,7 @@ __global__ void __launch_bounds__(kBThreads, 1)
           const int b = nt * 8 + 2 * t + (q & 1);
           if (b < B) red[(wk * kBRows + rl) * B + b] = acc[rt][nt][q];
         }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kBRows * B; idx += kBThreads) {
-      const int rl = idx % kBRows;
-      const int b = idx / kBRows;
-      const int r = row_base + rl;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kBWK; ++w) sum += red[(w * kBRows + rl) * B + b];  // fixed order
-      if (r < p.M) {
-        if (ksplit == 1)
-          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-        else
-          p.workspace[(static_cast<long long>(ks) * B + b) * p.M + r] = sum;
-      }
-    }
-    if (ksplit > 1) {
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) s_last = atomicAdd(&p.counters[rb], 1) == ksplit - 1;
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        for (int idx = threadIdx.x; idx < kBRows * B; idx += kBThreads) {
-          const int r = row_base + idx % kBRows;
-          const int b = idx / kBRows;
-          if (r >= p.M) continue;
-          float sum = 0.f;
-          for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
-            sum += __ldcg(&p.workspace[(static_cast<long long>(s) * B + b) * p.M + r]);
-          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-        }
-        if (threadIdx.x == 0) p.counters[rb] = 0;
-      }
-    }
-    __syncthreads();  // red and s_last are reused by the next item
+    store_item<T, kBRows, kBWK, kBThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
   }
 }
 
