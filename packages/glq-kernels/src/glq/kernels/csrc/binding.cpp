@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <map>
 #include <mutex>
 #include <unordered_map>
 
@@ -29,18 +30,20 @@ void check_cuda(int err, const char* what) {
   TORCH_CHECK(err == 0, "glq_cuda: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-// Split-K arrival counters: zeroed once per device, and every launch leaves them zero again.
-// One buffer per device assumes one stream at a time uses these kernels on that device.
-int* counters_for(const at::Tensor& like, int64_t n) {
+// Split-K arrival counters: zeroed once per (device, stream), and every launch leaves them zero
+// again. Launches on one stream run in order, so they can share a buffer; two streams running
+// split-K launches at the same time (or a CUDA graph captured on one stream and replayed beside
+// eager calls on another) must not, so each stream gets its own.
+int* counters_for(const at::Tensor& like, int64_t n, const c10::cuda::CUDAStream& stream) {
   static std::mutex mu;
-  static std::unordered_map<int, at::Tensor> bufs;
+  static std::map<std::pair<int, c10::StreamId>, at::Tensor> bufs;
   std::lock_guard<std::mutex> lock(mu);
-  const int dev = like.get_device();
-  auto it = bufs.find(dev);
+  const auto key = std::make_pair(static_cast<int>(like.get_device()), stream.id());
+  auto it = bufs.find(key);
   if (it == bufs.end() || it->second.numel() < n) {
     const int64_t size = std::max<int64_t>(n, 4096);
-    bufs[dev] = at::zeros({size}, like.options().dtype(at::kInt));
-    it = bufs.find(dev);
+    bufs[key] = at::zeros({size}, like.options().dtype(at::kInt));
+    it = bufs.find(key);
   }
   return it->second.data_ptr<int>();
 }
@@ -88,7 +91,7 @@ at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& t
   if (plan.ksplit > 1) {
     ws = at::empty({plan.ksplit, B, M}, x.options().dtype(at::kFloat));
     p.workspace = ws.data_ptr<float>();
-    p.counters = counters_for(x, plan.row_blocks);
+    p.counters = counters_for(x, plan.row_blocks, c10::cuda::getCurrentCUDAStream(x.get_device()));
   }
   p.B = static_cast<int>(B);
   p.M = static_cast<int>(M);
