@@ -186,3 +186,27 @@ def test_tune_model_repairs_damaged_norms(tiny_llama_path):
         assert not any(p.requires_grad for p in b.parameters())
         for rel, lin in arch.block_linears(b).items():
             assert torch.equal(lin.weight, layers[f"{layout.path}.{i}.{rel}"].weight.to(lin.weight.dtype))
+
+
+def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_path, folder_tensors, monkeypatch):
+    """Whole-model tuning comes after every block is saved: a run that fails there (out of memory,
+    say) resumes with finetune_model_epochs=0, keeps its blocks, and writes the folder a run
+    without whole-model tuning writes."""
+    from glq.quant import finetune
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    out = tmp_path / "glq"
+    monkeypatch.setattr(finetune, "tune_model", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=0, finetune_model_epochs=3, **TINY)
+    monkeypatch.undo()
+    assert len(list((out / ".glq-partial").glob("block_*.safetensors"))) == 2  # every block was kept
+    quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=0, finetune_model_epochs=0, **TINY)
+    fresh = tmp_path / "fresh"
+    quantize(str(tiny_llama_path), fresh, bpw=2, finetune_epochs=0, finetune_model_epochs=0, **TINY)
+    resumed, ref = folder_tensors(out), folder_tensors(fresh)
+    assert resumed.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(resumed[k], ref[k]), k

@@ -57,7 +57,9 @@ class _Plan:
         return float(self.bpw) != int(self.bpw)
 
     def fingerprint(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        # Whole-model tuning runs after the last block and leaves the block files alone, so a run
+        # may resume with other finetune_model_epochs (say, 0 after it ran out of memory there).
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "finetune_model_epochs"}
 
 
 def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map,
@@ -105,7 +107,7 @@ def _prepare_output(output_dir: Path, plan: _Plan, resume: bool) -> dict | None:
     state_file = output_dir / PARTIAL / "state.json"
     if state_file.is_file():
         state = json.loads(state_file.read_text())
-        if state["plan"] != plan.fingerprint():
+        if {k: state["plan"].get(k) for k in plan.fingerprint()} != plan.fingerprint():
             diff = {k: (state["plan"].get(k), v) for k, v in plan.fingerprint().items() if state["plan"].get(k) != v}
             raise ValueError(f"{output_dir} holds an unfinished GLQ run with other arguments {diff}: "
                              "rerun with the same arguments to resume, or choose another output folder")
@@ -385,8 +387,10 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
     calib = _Calibration(lm, blocks, windows, dev, reference=plan.finetune_epochs > 0 or plan.finetune_model_epochs > 0,
                          keep_inputs=plan.finetune_model_epochs > 0)
     finished = state["blocks"] if state else 0
-    model_tuned = bool(state and state.get("model_tuned"))
-    state = {"plan": plan.fingerprint(), "blocks": finished, "model_tuned": model_tuned}
+    # The tuned block files count only if they were tuned with this run's epochs.
+    tuned_with = int((state or {}).get("model_tuned") or 0)
+    model_tuned = tuned_with > 0 and tuned_with == plan.finetune_model_epochs
+    state = {"plan": plan.fingerprint(), "blocks": finished, "model_tuned": tuned_with if model_tuned else 0}
     _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
     results: dict[str, QuantizedLayer | dict] = {}
     for i in _iter(range(layout.count), "quantizing", progress):
@@ -413,7 +417,8 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         release(i)
     if plan.finetune_model_epochs and not model_tuned:
         results.update(_tune_model(lm, layout, calib, plan, out, dev))
-        state["model_tuned"] = model_tuned = True
+        state["model_tuned"] = plan.finetune_model_epochs
+        model_tuned = True
         _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
     summary = _write_folder(out, lm, tok, layout, results, plan, layer_sizes, time.perf_counter() - start, device,
                             path, streaming, model_tuned)
