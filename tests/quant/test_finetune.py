@@ -210,3 +210,14 @@ def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_p
     assert resumed.keys() == ref.keys()
     for k in ref:
         assert torch.equal(resumed[k], ref[k]), k
+
+
+def test_model_tuning_refuses_a_gpu_too_small_up_front(monkeypatch):
+    from types import SimpleNamespace
+
+    from glq.quant import pipeline
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=80 * 2**30))
+    pipeline._check_model_tuning_memory(7 * 10**9, torch.device("cuda:0"))  # an 8B model: 26 GiB of copies
+    with pytest.raises(ValueError, match=r"needs 260\.8 GiB on cuda:0 .* 80\.0 GiB"):
+        pipeline._check_model_tuning_memory(70 * 10**9, torch.device("cuda:0"))

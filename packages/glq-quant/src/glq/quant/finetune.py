@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from glq.quant import arch, rht
 from glq.quant.layer import QuantizedLayer
@@ -185,6 +186,12 @@ def _final_head(lm: nn.Module, blocks_path: str):
     return norm, head
 
 
+def model_tuning_bytes(n_quantized_weights: int) -> int:
+    """Device memory :func:`tune_model` needs for its dense float32 copies of the quantized
+    weights (activations, the head and the calibration stream come on top)."""
+    return 4 * n_quantized_weights
+
+
 def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer], x0: torch.Tensor,
                teacher: torch.Tensor, kwargs: dict, cfg: TuneConfig, device: torch.device) -> dict:
     """Tune every block's continuous parameters at once (the same ones as :func:`tune_block`) so
@@ -230,7 +237,9 @@ def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer
         for i in idx:
             h = x0[i : i + 1].to(device, torch.float32)
             for b in blocks:
-                h = b(h, **kwargs)
+                # Checkpointed: the backward pass keeps one block's activations at a time (plus
+                # every block's input), at the cost of a second forward per block.
+                h = checkpoint(b, h, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else b(h, **kwargs)
                 h = h[0] if isinstance(h, tuple) else h
             t = teacher[i : i + 1].to(device, torch.float32)
             if head is None:

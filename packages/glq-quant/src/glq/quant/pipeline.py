@@ -361,6 +361,8 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         blocks[i] = blocks[i].to("meta" if ckpt is not None else "cpu")
     layer_sizes = {f"{layout.path}.{i}.{n}": m.weight.numel()
                    for i, b in enumerate(blocks) for n, m in arch.block_linears(b).items()}  # meta-safe
+    if plan.finetune_model_epochs and dev.type == "cuda":
+        _check_model_tuning_memory(sum(layer_sizes.values()), dev)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
 
     group_cache: dict[int, list[list[str]]] = {}
@@ -458,6 +460,19 @@ def _read_layers(path: Path, prefix: str) -> tuple[dict[str, QuantizedLayer], di
                 seconds=info["seconds"])
     assert all(n.startswith(prefix + ".") for n in layers), (prefix, list(layers))
     return layers, meta
+
+
+def _check_model_tuning_memory(n_weights: int, dev: torch.device) -> None:
+    """Refuse whole-model tuning up front (before hours of quantization) when its dense copies
+    alone cannot fit the GPU; a run that fails later anyway resumes without it (see fingerprint)."""
+    from glq.quant.finetune import model_tuning_bytes
+
+    need = model_tuning_bytes(n_weights)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if need > 0.9 * total:
+        raise ValueError(f"finetune_model_epochs needs {need / 2**30:.1f} GiB on {dev} for float32 copies of the "
+                         f"{n_weights:,} quantized weights alone, more than 90% of its {total / 2**30:.1f} GiB; "
+                         "use finetune_epochs (block by block) instead")
 
 
 def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev) -> dict[str, dict]:
