@@ -25,7 +25,7 @@ step() {  # name seconds command...
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(hf mem kvbench decode kernels)
 for s in "${steps[@]}"; do case $s in
   hf) step hf 150 python3 -m pytest -q -p no:cacheprovider tests/hf -m cuda ;;
-  kernels) step kernels 200 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k "not triton" ;;
+  kernels) step kernels 330 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k "not triton" ;;
   triton) step triton 300 python3 -m pytest -q -p no:cacheprovider tests/kernels -m cuda -k triton ;;
   lattice) step lattice 150 python3 -m pytest -q -p no:cacheprovider tests/lattice -m cuda ;;
   cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
@@ -34,7 +34,7 @@ for s in "${steps[@]}"; do case $s in
   compile) step compile 400 python3 packages/glq-hf/benchmarks/bench_decode.py --compile-only --rates 2 \
         --json "$out/compile.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;
-  kbench) step kbench 240 python3 -m glq.kernels.benchmark ${GLQ_KBENCH_ARGS:---quick} --out "$out/kbench.md" ;;
+  kbench) step kbench 330 python3 -m glq.kernels.benchmark ${GLQ_KBENCH_ARGS:---quick} --out "$out/kbench.md" ;;
   ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
         python3 scripts/ncu_matmul.py ;;
