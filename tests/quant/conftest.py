@@ -22,6 +22,21 @@ def folder_tensors():
     return _folder_tensors
 
 
+def _assert_same_folder(a, b) -> None:
+    """Two GLQ folders hold the same tensors, bit for bit."""
+    import torch
+
+    ta, tb = _folder_tensors(a), _folder_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in tb:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.fixture
+def assert_same_folder():
+    return _assert_same_folder
+
+
 @pytest.fixture
 def crash_on_second_block(monkeypatch):
     """Make the pipeline raise KeyboardInterrupt (as Ctrl-C would) when it starts its second block;

@@ -61,7 +61,7 @@ def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path, folde
 
 
 def test_resume_with_tuning_gives_the_same_folder(tiny_llama_path, tmp_path, crash_on_second_block, tuned,
-                                                  folder_tensors):
+                                                  assert_same_folder):
     out = tmp_path / "glq"
     with pytest.raises(KeyboardInterrupt):
         quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=2, **TINY)
@@ -69,10 +69,7 @@ def test_resume_with_tuning_gives_the_same_folder(tiny_llama_path, tmp_path, cra
     with pytest.raises(ValueError, match="other arguments"):
         quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=1, **TINY)
     quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=2, **TINY)
-    resumed, fresh = folder_tensors(out), folder_tensors(tuned[0])
-    assert resumed.keys() == fresh.keys()
-    for k in fresh:
-        assert torch.equal(resumed[k], fresh[k]), k
+    assert_same_folder(out, tuned[0])
 
 
 def test_negative_epochs_are_refused(tiny_llama_path, tmp_path):
@@ -88,7 +85,7 @@ def model_tuned(tiny_llama_path, tmp_path_factory):
     return out, summary, model
 
 
-def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_path, folder_tensors):
+def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_path):
     from transformers import AutoModelForCausalLM
 
     import glq.hf  # noqa: F401
@@ -116,7 +113,7 @@ def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_p
 
 
 def test_model_tuning_interrupted_resumes_to_the_same_folder(tiny_llama_path, tmp_path, model_tuned,
-                                                              folder_tensors, monkeypatch):
+                                                              assert_same_folder, monkeypatch):
     """Ctrl-C while the tuned block files are being written: the rerun tunes again from the
     untouched first set of block files and writes the same folder as an uninterrupted run."""
     from glq.quant import pipeline
@@ -137,10 +134,7 @@ def test_model_tuning_interrupted_resumes_to_the_same_folder(tiny_llama_path, tm
     monkeypatch.setattr(pipeline, "_save_block", real)
     assert (out / ".glq-partial" / "block_00000.tuned.safetensors").is_file()
     quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=0, finetune_model_epochs=3, **TINY)
-    resumed, fresh = folder_tensors(out), folder_tensors(model_tuned[0])
-    assert resumed.keys() == fresh.keys()
-    for k in fresh:
-        assert torch.equal(resumed[k], fresh[k]), k
+    assert_same_folder(out, model_tuned[0])
 
 
 def test_model_tuning_refuses_streaming(tiny_llama_path, tmp_path):
@@ -188,7 +182,7 @@ def test_tune_model_repairs_damaged_norms(tiny_llama_path):
             assert torch.equal(lin.weight, layers[f"{layout.path}.{i}.{rel}"].weight.to(lin.weight.dtype))
 
 
-def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_path, folder_tensors, monkeypatch):
+def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_path, assert_same_folder, monkeypatch):
     """Whole-model tuning comes after every block is saved: a run that fails there (out of memory,
     say) resumes with finetune_model_epochs=0, keeps its blocks, and writes the folder a run
     without whole-model tuning writes."""
@@ -206,10 +200,7 @@ def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_p
     quantize(str(tiny_llama_path), out, bpw=2, finetune_epochs=0, finetune_model_epochs=0, **TINY)
     fresh = tmp_path / "fresh"
     quantize(str(tiny_llama_path), fresh, bpw=2, finetune_epochs=0, finetune_model_epochs=0, **TINY)
-    resumed, ref = folder_tensors(out), folder_tensors(fresh)
-    assert resumed.keys() == ref.keys()
-    for k in ref:
-        assert torch.equal(resumed[k], ref[k]), k
+    assert_same_folder(out, fresh)
 
 
 def test_model_tuning_refuses_a_gpu_too_small_up_front(monkeypatch):

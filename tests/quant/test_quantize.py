@@ -66,7 +66,7 @@ def test_quantization_error_shrinks_with_rate(tiny_llama_path, tmp_path):
 
 
 def test_resume_after_a_crash_gives_the_same_folder(tiny_llama_path, tmp_path, crash_on_second_block, tiny_2bpw,
-                                                     folder_tensors):
+                                                     assert_same_folder):
     out = tmp_path / "glq"
     with pytest.raises(KeyboardInterrupt):
         quantize(str(tiny_llama_path), out, bpw=2, **TINY)
@@ -75,10 +75,7 @@ def test_resume_after_a_crash_gives_the_same_folder(tiny_llama_path, tmp_path, c
     with pytest.raises(ValueError, match="other arguments"):
         quantize(str(tiny_llama_path), out, bpw=3, **TINY)
     quantize(str(tiny_llama_path), out, bpw=2, **TINY)
-    resumed, fresh = folder_tensors(out), folder_tensors(tiny_2bpw[0])
-    assert resumed.keys() == fresh.keys()
-    for k in fresh:
-        assert torch.equal(resumed[k], fresh[k]), k
+    assert_same_folder(out, tiny_2bpw[0])
 
 
 def test_streaming_gives_the_same_folder(tiny_llama_path, tmp_path, tiny_2bpw, folder_tensors):

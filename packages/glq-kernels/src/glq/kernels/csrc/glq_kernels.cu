@@ -984,90 +984,66 @@ int realised_split(int n, int s) {
   return (n + per - 1) / per;
 }
 
+// Shared planner of the small-batch and batched kernels: work items are row blocks of `rows` rows x
+// K splits, `parts` warps of a CTA split an item's slices. In auto mode (ksplit <= 0) the cost in
+// warp steps is rounds of items x the busiest warp's slices, plus the per-item cross-warp reduction
+// (~half a step) and, with splits, the workspace pass; the smallest split reaching the best cost wins.
+int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int rep, int kernel, int B, int M,
+                int K, int ksplit, int device, MatmulPlan* plan) {
+  int per_sm = 0, sms = 0;
+  const cudaError_t err = occupancy(fn, threads, smem, device, &per_sm, &sms);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int slots = per_sm * sms;
+  const int row_blocks = (M + rows - 1) / rows;
+  const int G = K / 8;
+  const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
+  if (ksplit <= 0) {
+    double best = 1e30;
+    ksplit = 1;
+    for (int s = 1; s <= std::min(n_slices, 64); ++s) {
+      if (realised_split(n_slices, s) != s) continue;
+      const int sps = (n_slices + s - 1) / s;
+      const int items = row_blocks * s;
+      const int waves = (items + slots - 1) / slots;
+      const int steps = (sps + parts - 1) / parts;
+      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
+      if (cost < best - 1e-9) {
+        best = cost;
+        ksplit = s;
+      }
+    }
+  }
+  ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
+  plan->rows_per_cta = rows;
+  plan->row_blocks = row_blocks;
+  plan->ksplit = ksplit;
+  plan->grid = std::min(row_blocks * ksplit, slots);
+  plan->rep = rep;
+  plan->smem_bytes = smem;
+  plan->kernel = kernel;
+  return cudaSuccess;
+}
+
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
+// A step is one slice x kGemvT row tiles of a warp.
 int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const GemvInfo k = pick_gemv(rate, dtype);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   const int rep = 1 << k.rl2;
   const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
-  int per_sm = 0, sms = 0;
-  const cudaError_t err = occupancy(k.fn, kGemvThreads, smem, device, &per_sm, &sms);
-  if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int slots = per_sm * sms;
-  const int row_blocks = (M + kGemvRows - 1) / kGemvRows;
-  const int G = K / 8;
-  const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
-  if (ksplit <= 0) {
-    // Cost in warp steps (one slice x kGemvT row tiles): rounds of items x the busiest warp's
-    // slices, plus the per-item cross-warp reduction (~half a step) and, with splits, the
-    // workspace pass. Smallest split that reaches the best cost.
-    double best = 1e30;
-    ksplit = 1;
-    for (int s = 1; s <= std::min(n_slices, 64); ++s) {
-      if (realised_split(n_slices, s) != s) continue;
-      const int sps = (n_slices + s - 1) / s;
-      const int items = row_blocks * s;
-      const int waves = (items + slots - 1) / slots;
-      const int steps = (sps + kGemvWarps - 1) / kGemvWarps;
-      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
-      if (cost < best - 1e-9) {
-        best = cost;
-        ksplit = s;
-      }
-    }
-  }
-  ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
-  plan->rows_per_cta = kGemvRows;
-  plan->row_blocks = row_blocks;
-  plan->ksplit = ksplit;
-  plan->grid = std::min(row_blocks * ksplit, slots);
-  plan->rep = rep;
-  plan->smem_bytes = smem;
-  plan->kernel = kKernelGemv;
-  return cudaSuccess;
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, rep, kKernelGemv, B, M, K, ksplit, device,
+                     plan);
 }
 
-// Plan of the batched kernel (v5). Work items are 128-row blocks x K splits; split choice as
-// gemv_plan's, with a step being one slice for the 2 row tiles of a warp.
+// Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
 int batched_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   const GemvInfo k = pick_batched(rate, dtype, B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int smem = table_entries(rate) * 16 * (1 << k.rl2) + kBWK * kBRows * B * 4;
-  int per_sm = 0, sms = 0;
-  const cudaError_t err = occupancy(k.fn, kBThreads, smem, device, &per_sm, &sms);
-  if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int slots = per_sm * sms;
-  const int row_blocks = (M + kBRows - 1) / kBRows;
-  const int G = K / 8;
-  const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
-  if (ksplit <= 0) {
-    double best = 1e30;
-    ksplit = 1;
-    for (int s = 1; s <= std::min(n_slices, 64); ++s) {
-      if (realised_split(n_slices, s) != s) continue;
-      const int sps = (n_slices + s - 1) / s;
-      const int items = row_blocks * s;
-      const int waves = (items + slots - 1) / slots;
-      const int steps = (sps + kBWK - 1) / kBWK;
-      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
-      if (cost < best - 1e-9) {
-        best = cost;
-        ksplit = s;
-      }
-    }
-  }
-  ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
-  plan->rows_per_cta = kBRows;
-  plan->row_blocks = row_blocks;
-  plan->ksplit = ksplit;
-  plan->grid = std::min(row_blocks * ksplit, slots);
-  plan->rep = 1 << k.rl2;
-  plan->smem_bytes = smem;
-  plan->kernel = kKernelBatched;
-  return cudaSuccess;
+  const int rep = 1 << k.rl2;
+  const int smem = table_entries(rate) * 16 * rep + kBWK * kBRows * B * 4;
+  return plan_slices(k.fn, kBThreads, smem, kBRows, kBWK, rep, kKernelBatched, B, M, K, ksplit, device, plan);
 }
 
 int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
