@@ -39,6 +39,6 @@ for s in "${steps[@]}"; do case $s in
         --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
         python3 scripts/ncu_matmul.py ;;
   quality) step quality 590 python3 packages/glq-quant/benchmarks/quality.py --device cuda \
-        ${GLQ_QUALITY_ARGS:---rates 2 3 --finetune-epochs 2 0} --out "$out/quality.json" ;;
+        ${GLQ_QUALITY_ARGS:---rates 2 4 --finetune-model-epochs 2} --out "$out/quality.json" ;;
   *) echo "unknown step $s" | tee -a "$out/summary.txt" ;;
 esac; done
