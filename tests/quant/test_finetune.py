@@ -16,6 +16,20 @@ from glq.quant.pipeline import quantize_with_model
 TINY = {"nsamples": 8, "seqlen": 32, "dataset": "c4", "progress": False}
 
 
+def _assert_loads_to(out, model) -> None:
+    """The folder loads through glq.hf to the model the run evaluated (same logits)."""
+    from transformers import AutoModelForCausalLM
+
+    import glq.hf  # noqa: F401
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = loaded(ids).logits
+        b = model.float()(ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-4
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny_llama_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "glq"
@@ -36,7 +50,6 @@ def test_tuning_lowers_the_held_out_block_error(tuned):
 
 
 def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path, folder_tensors):
-    from transformers import AutoModelForCausalLM
 
     import glq.hf  # noqa: F401
 
@@ -52,12 +65,7 @@ def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path, folde
         assert not torch.equal(tensors[norm], st.get_tensor(norm).to(tensors[norm].dtype))  # norms tuned too
     # the overhead counts 16-bit signs for the tuned layers
     assert summary["bpw_with_overhead"] > 2.0 + 8 * 6 / 160
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = loaded(ids).logits
-        b = model.float()(ids).logits
-    assert float((a - b).norm() / b.norm()) < 1e-4
+    _assert_loads_to(out, model)
 
 
 def test_resume_with_tuning_gives_the_same_folder(tiny_llama_path, tmp_path, crash_on_second_block, tuned,
@@ -86,7 +94,6 @@ def model_tuned(tiny_llama_path, tmp_path_factory):
 
 
 def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_path):
-    from transformers import AutoModelForCausalLM
 
     import glq.hf  # noqa: F401
 
@@ -104,12 +111,7 @@ def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_p
     tuned = rep["loss_after"] < rep["loss_before"]
     assert all(s.signs_dtype == ("float16" if tuned else "int8") for s in fmt.layers.values())
     assert not (out / ".glq-partial").exists()
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = loaded(ids).logits
-        b = model.float()(ids).logits
-    assert float((a - b).norm() / b.norm()) < 1e-4
+    _assert_loads_to(out, model)
 
 
 def test_model_tuning_interrupted_resumes_to_the_same_folder(tiny_llama_path, tmp_path, model_tuned,

@@ -124,43 +124,61 @@ def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x
     for p in block.parameters():
         p.requires_grad_(p.dim() == 1)
 
+    history, steps = _train_keep_best(params, lambda idx: _block_loss(block, x, target, kwargs, idx),
+                                      train, val, cfg, seed=0)
+    improved = min(history) < history[0]
+    for full, mod in tuned.items():
+        rel = rel_of[full]
+        done[full] = _swap_back(block, rel, originals[rel], mod, done[full], improved)
+    block.to(dtype)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return {"loss_before": history[0], "loss_after": min(history), "steps": steps}
+
+
+def _train_keep_best(params: dict[str, torch.Tensor], loss_of, train: list[int], val: list[int], cfg: TuneConfig,
+                     seed: int) -> tuple[list[float], int]:
+    """Adam over ``params``, one step per training sequence in a seeded order; after each epoch the
+    held-out loss ``loss_of(val)`` is taken, and ``params`` end holding the best epoch's values, or
+    their starting ones if no epoch beat them. Returns (held-out loss before and after each epoch,
+    steps)."""
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: p.detach().clone() for k, p in params.items()}
 
     saved = snapshot()
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     with torch.no_grad():
-        before = float(_block_loss(block, x, target, kwargs, val))
-    best, best_state, steps = before, None, 0
-    gen = torch.Generator().manual_seed(0)
+        history = [float(loss_of(val))]
+    best_state, steps = None, 0
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(cfg.epochs):
         for i in torch.randperm(len(train), generator=gen).tolist():
             opt.zero_grad(set_to_none=True)
-            loss = _block_loss(block, x, target, kwargs, [train[i]])
-            loss.backward()
+            loss_of([train[i]]).backward()
             opt.step()
             steps += 1
         with torch.no_grad():
-            now = float(_block_loss(block, x, target, kwargs, val))
-        if now < best:
-            best, best_state = now, snapshot()
+            now = float(loss_of(val))
+        if now < min(history):
+            best_state = snapshot()
+        history.append(now)
     with torch.no_grad():
         for k, v in (best_state if best_state is not None else saved).items():
             params[k].copy_(v)
+    return history, steps
 
-    for full, mod in tuned.items():
-        rel = rel_of[full]
-        lin = originals[rel]
-        if best_state is not None:
-            done[full] = mod.result(done[full])
-            lin.weight.data.copy_(done[full].weight.to(lin.weight.device, lin.weight.dtype))
-            if lin.bias is not None:
-                lin.bias.data.copy_(mod.bias.detach().to(lin.bias.dtype))
-        _set_submodule(block, rel, lin)
-    block.to(dtype)
-    for p in block.parameters():
-        p.requires_grad_(False)
-    return {"loss_before": before, "loss_after": best, "steps": steps}
+
+def _swap_back(block: nn.Module, rel: str, lin: nn.Module, mod: _TunedLinear, q: QuantizedLayer,
+               improved: bool) -> QuantizedLayer:
+    """Put the original linear back at ``rel``, holding the tuned weight (and bias) if tuning
+    improved; returns the layer as it now stands (tuned gains as float16 signs, or unchanged)."""
+    if improved:
+        q = mod.result(q)
+        lin.weight.data.copy_(q.weight.to(lin.weight.device, lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.data.copy_(mod.bias.detach().to(lin.bias.dtype))
+    _set_submodule(block, rel, lin)
+    return q
 
 
 def _float32(v):
@@ -252,39 +270,13 @@ def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer
             total = total + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         return total / max(len(idx), 1)
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in params.items()}
-
-    saved = snapshot()
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
-    with torch.no_grad():
-        before = float(loss_of(val))
-    best, best_state, steps, history = before, None, 0, [before]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(cfg.epochs):
-        for i in torch.randperm(len(train), generator=gen).tolist():
-            opt.zero_grad(set_to_none=True)
-            loss_of([train[i]]).backward()
-            opt.step()
-            steps += 1
-        with torch.no_grad():
-            now = float(loss_of(val))
-        history.append(now)
-        if now < best:
-            best, best_state = now, snapshot()
-    with torch.no_grad():
-        for k, v in (best_state if best_state is not None else saved).items():
-            params[k].copy_(v)
+    history, steps = _train_keep_best(params, loss_of, train, val, cfg, seed=1)
+    improved = min(history) < history[0]
     for block, rel, lin, full, mod in swapped:  # Module.to works in place: the same block objects
-        if best_state is not None:
-            layers[full] = mod.result(layers[full])
-            lin.weight.data.copy_(layers[full].weight.to(lin.weight.device, lin.weight.dtype))
-            if lin.bias is not None:
-                lin.bias.data.copy_(mod.bias.detach().to(lin.bias.dtype))
-        _set_submodule(block, rel, lin)
+        layers[full] = _swap_back(block, rel, lin, mod, layers[full], improved)
     for i, (dev, dtype) in enumerate(home):
         for p in blocks[i].parameters():
             p.requires_grad_(False)
         blocks[i] = blocks[i].to(dev, dtype)
-    return {"loss_before": before, "loss_after": best, "steps": steps, "held_out_history": history,
+    return {"loss_before": history[0], "loss_after": min(history), "steps": steps, "held_out_history": history,
             "loss": "kl" if head is not None else "hidden"}
