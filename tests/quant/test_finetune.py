@@ -214,3 +214,14 @@ def test_model_tuning_refuses_a_gpu_too_small_up_front(monkeypatch):
     pipeline._check_model_tuning_memory(7 * 10**9, torch.device("cuda:0"))  # an 8B model: 26 GiB of copies
     with pytest.raises(ValueError, match=r"needs 260\.8 GiB on cuda:0 .* 80\.0 GiB"):
         pipeline._check_model_tuning_memory(70 * 10**9, torch.device("cuda:0"))
+
+
+@pytest.mark.cuda
+def test_cuda_run_with_both_tunings_and_a_fractional_rate_loads_to_the_evaluated_model(tiny_llama_path, tmp_path):
+    """The whole pipeline on the GPU: Hessians, LDLQ, allocation, block and whole-model tuning."""
+    out = tmp_path / "glq"
+    summary, model = quantize_with_model(str(tiny_llama_path), out, bpw=2.5, min_bpw=2, max_bpw=3, device="cuda",
+                                         finetune_epochs=1, finetune_model_epochs=1, **TINY)
+    assert abs(summary["bpw_codes"] - 2.5) < 0.05
+    assert all("finetune" in v and "finetune_model" in v for v in summary["layers"].values())
+    _assert_loads_to(out, model.cpu())
