@@ -218,7 +218,7 @@ def test_quantize_passes_every_option_and_prints_the_summary(q, capsys, monkeypa
     assert code == 0, err
     assert seen == {"model": str(q[2]), "output_dir": str(q[4]), "bpw": 2.5, "nsamples": 2, "seqlen": 16,
                     "device": "cpu", "min_bpw": 2, "max_bpw": 4,
-                    "bpw_map": expanded, "tune_iters": 3, "finetune_epochs": 2, "finetune_model_epochs": 0,
+                    "bpw_map": expanded, "tune_iters": 3, "finetune_epochs": 2, "finetune_model_epochs": None,
                     "streaming": True, "trust_remote_code": False, "dataset": "wikipedia", "seed": 7, "resume": False}
     assert "proxy_error" in out and "123,456" in out
     assert json.loads(summary.read_text())["bpw"] == 2.5625

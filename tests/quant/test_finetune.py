@@ -4,6 +4,8 @@ to the very model the run evaluated, and an interrupted run resumes to the same 
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -205,15 +207,39 @@ def test_out_of_memory_in_model_tuning_resumes_without_it(tiny_llama_path, tmp_p
     assert_same_folder(out, fresh)
 
 
-def test_model_tuning_refuses_a_gpu_too_small_up_front(monkeypatch):
+def test_model_tuning_memory_rule(monkeypatch):
     from types import SimpleNamespace
 
     from glq.quant import pipeline
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=80 * 2**30))
-    pipeline._check_model_tuning_memory(7 * 10**9, torch.device("cuda:0"))  # an 8B model: 26 GiB of copies
-    with pytest.raises(ValueError, match=r"needs 260\.8 GiB on cuda:0 .* 80\.0 GiB"):
-        pipeline._check_model_tuning_memory(70 * 10**9, torch.device("cuda:0"))
+    cuda = torch.device("cuda:0")
+    assert pipeline._model_tuning_memory_problem(7 * 10**9, cuda) is None  # an 8B model: 26 GiB of copies
+    problem = pipeline._model_tuning_memory_problem(70 * 10**9, cuda)
+    assert re.search(r"needs 260\.8 GiB on cuda:0 .* 90% of its 80\.0 GiB", problem), problem
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**23}[name])  # 32 GiB
+    cpu = torch.device("cpu")
+    assert pipeline._model_tuning_memory_problem(10**9, cpu) is None
+    assert "50% of its 32.0 GiB" in pipeline._model_tuning_memory_problem(5 * 10**9, cpu)
+
+
+def test_model_tuning_is_on_by_default_and_off_where_it_cannot_fit(tiny_llama_path, tmp_path, monkeypatch):
+    """By default a run tunes the whole model; where the copies cannot fit, the default turns it off
+    with a warning and the run goes on, while an explicit request is refused before any work."""
+    from glq.quant import finetune
+
+    summary = quantize(str(tiny_llama_path), tmp_path / "a", bpw=2, finetune_epochs=0, **TINY)
+    assert all("finetune_model" in v for v in summary["layers"].values())
+    monkeypatch.setattr(finetune, "model_tuning_bytes", lambda n: 2**60)
+    with pytest.raises(ValueError, match=r"finetune_model_epochs=1: it needs .* GiB .* finetune_model_epochs=0"):
+        quantize(str(tiny_llama_path), tmp_path / "b", bpw=2, finetune_model_epochs=1, **TINY)
+    assert not (tmp_path / "b" / ".glq-partial").exists()  # refused before any block
+    with pytest.warns(UserWarning, match="whole-model tuning is off for this run: it needs"):
+        summary = quantize(str(tiny_llama_path), tmp_path / "c", bpw=2, finetune_epochs=0, **TINY)
+    assert all("finetune_model" not in v for v in summary["layers"].values())
+    # streaming keeps one block in memory: the default leaves whole-model tuning out, silently
+    summary = quantize(str(tiny_llama_path), tmp_path / "d", bpw=2, finetune_epochs=0, streaming=True, **TINY)
+    assert all("finetune_model" not in v for v in summary["layers"].values())
 
 
 @pytest.mark.cuda

@@ -84,8 +84,18 @@ def measure_compile(label: str, model, args, rows: list) -> None:
     """torch.compile (default mode), timed after two compiling runs. ``--compile-scope layers``
     compiles each decoder layer in place (one compiled graph serves all 32 identical layers, so it
     compiles in a fraction of the whole model's time); ``model`` compiles the whole forward."""
+    import torch._dynamo
     from transformers import StaticCache
 
+    # Start from an empty compile cache: dynamo's recompile budget is per code object, so the bf16
+    # model's compiles of LlamaDecoderLayer.forward would otherwise use up the GLQ model's (the
+    # 2026-11-27 run lost its GLQ figure that way: every GLQ layer fell back to eager). Each layer
+    # guards on its own cache layer, so layer scope compiles once per layer and input shape.
+    torch._dynamo.reset()
+    limit = 4 * len(model.model.layers) + 8
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
     if args.compile_scope == "layers":
         for layer in model.model.layers:
             layer.compile()
@@ -98,7 +108,9 @@ def measure_compile(label: str, model, args, rows: list) -> None:
     row = next((r for r in rows if r["model"] == label), None)
     if row is None:
         rows.append(row := {"model": label})
-    row.update(compile_tok_s=rate, compile_total_s=time.perf_counter() - t0, compile_scope=args.compile_scope)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    row.update(compile_tok_s=rate, compile_total_s=time.perf_counter() - t0, compile_scope=args.compile_scope,
+               compiled_graphs=graphs)
     print(json.dumps(row), flush=True)
 
 

@@ -556,7 +556,8 @@ def _add_common(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from glq.quant import DEFAULT_FINETUNE_EPOCHS  # a constant; glq.quant's heavy modules stay unimported
+    # constants; glq.quant's heavy modules stay unimported
+    from glq.quant import DEFAULT_FINETUNE_EPOCHS, DEFAULT_FINETUNE_MODEL_EPOCHS
     parser = _Parser(prog="glq", description="GLQ: E8 lattice weight quantization for LLMs.",
                      epilog="Run 'glq COMMAND --help' for each command's options and defaults.")
     parser.add_argument("--version", action=_VersionAction, help="print every installed glq package's version")
@@ -583,10 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block fine-tuning passes over the calibration set after each block is quantized "
                    "(sign gains, row scales and norms learn to match the unquantized block; codes fixed); "
                    f"0 = off (default: {DEFAULT_FINETUNE_EPOCHS})")
-    q.add_argument("--finetune-model-epochs", type=_nonnegative_int, default=0,
+    q.add_argument("--finetune-model-epochs", type=_nonnegative_int, default=None,
                    help="whole-model fine-tuning passes after the last block: the same parameters, every block at "
                    "once, against the unquantized model's next-token distribution; needs the model in memory "
-                   "(not with --streaming); 0 = off")
+                   "plus 4 bytes per quantized weight on the device; 0 = off (default: "
+                   f"{DEFAULT_FINETUNE_MODEL_EPOCHS}, turned off with a warning where it cannot fit and with "
+                   "--streaming)")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences")
     q.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per calibration sequence")
     cal = q.add_mutually_exclusive_group()

@@ -66,10 +66,11 @@ def _kernel_args(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_s
 
 def matmul(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor) -> Tensor:
     """Fused GLQ matmul: y = x · W̃ᵀ, decoding W̃ from its codes on the fly (never materialised on
-    CUDA for up to ``ops.DENSE_BATCH_THRESHOLD`` rows). Equivalent to
-    ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32 accumulation. Larger batches
-    (prefill) decode W̃ once into a transient tensor in x's dtype (the float32 decode rounded
-    once) and call cuBLAS, so they need out x in elements of extra memory during the call.
+    CUDA; larger batches run the fused kernel 64 rows at a time). Equivalent to
+    ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32 accumulation. With
+    ``GLQ_KERNELS_DEQUANT=1`` batches of more than ``ops.DENSE_BATCH_THRESHOLD`` rows (prefill)
+    decode W̃ once into a transient tensor in x's dtype (the float32 decode rounded once) and call
+    cuBLAS instead, which needs out x in elements of extra memory during the call.
 
     Args:
         x: (..., in) float16 or bfloat16 (any float dtype on the CPU).

@@ -273,8 +273,8 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
             print(lin[-1], flush=True)
             layers = None  # free the weight copies before the next shape
 
-    # the two FWHT kernels (bit-identical; v2 does four levels per barrier), fp16, with signs
-    fw = ["| N (blocks) | batch | v1 us | v2 us | v2 equal to v1 |", "|---|---|---|---|---|"]
+    # the FWHT kernel (glq_cuda.hadamard) per size, fp16, with signs
+    fw = ["| N (blocks) | batch | us |", "|---|---|---|"]
     from glq.kernels.api import default_blocks
 
     for n_f in (4096, 14336, 1536, 576):
@@ -283,20 +283,12 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
         s_in = torch.randint(0, 2, (n_f,), device="cuda").float() * 2 - 1
         for batch in (1, 16):
             xs = [torch.randn(batch, n_f, device="cuda", dtype=torch.float16) for _ in range(8)]
-            t = {}
-            for variant in (1, 2):
-                try:
-                    t[variant] = time_graph(
-                        lambda i, v=variant: torch.ops.glq_cuda.hadamard(xs[i], logs, s_in, None, v), len(xs)
-                    )
-                except RuntimeError as e:
-                    t[variant] = float("nan")
-                    print(f"hadamard variant {variant} failed: {e}", flush=True)
             try:
-                same = torch.equal(*(torch.ops.glq_cuda.hadamard(xs[0], logs, s_in, None, v) for v in (1, 2)))
-            except RuntimeError:
-                same = False
-            fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t[1] * 1e6:.1f} | {t[2] * 1e6:.1f} | {same} |")
+                t = time_graph(lambda i: torch.ops.glq_cuda.hadamard(xs[i], logs, s_in, None), len(xs))
+            except RuntimeError as e:
+                t = float("nan")
+                print(f"hadamard failed: {e}", flush=True)
+            fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t * 1e6:.1f} |")
             print(fw[-1], flush=True)
 
     # variants: table copies and split-K, rate 2 and 4, batch 1

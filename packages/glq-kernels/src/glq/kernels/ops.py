@@ -2,9 +2,9 @@
 implementations, so they trace under ``torch.compile`` and capture in CUDA graphs. Each op's
 implementation asks :func:`select_backend` which backend runs it.
 
-Batches above :data:`DENSE_BATCH_THRESHOLD` rows (prefill) take the dense path instead of the fused
-kernels: W̃ is decoded once into a transient tensor in x's dtype and multiplied with cuBLAS
-(``F.linear``), then freed.
+Batches above :data:`DENSE_BATCH_THRESHOLD` rows (prefill) can take the dense path instead of the
+fused kernels (opt-in, ``GLQ_KERNELS_DEQUANT=1``): W̃ is decoded once into a transient tensor in x's
+dtype and multiplied with cuBLAS (``F.linear``), then freed.
 
 These take already-validated, 2-D inputs; the documented entry points with checks and shape
 handling are :func:`glq.kernels.matmul`, :func:`glq.kernels.hadamard` and
@@ -26,14 +26,14 @@ from .qmatmul.reference import dequantize_reference, matmul_reference
 
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
 MAX_KERNEL_BATCH = 64
-# Batches of more rows than this decode W̃ once and call cuBLAS. The fused MMA kernel decodes W̃
-# again for every 64 rows and re-reads x per n-tile: 190 us at batch 64 on 4096x14336 where bf16
-# cuBLAS takes 48 us (H100), while one decode pass costs about one write of the dense weight
-# (~50 us predicted there) and is shared by the whole batch. 64 is a first guess; the
-# benchmark's "dense us" column (batch 16/64 rows) is what to tune it from on a GPU.
+# Batches of more rows than this decode W̃ once and call cuBLAS, when the CUDA decode kernel is
+# on (GLQ_KERNELS_DEQUANT=1). The fused MMA kernel decodes W̃ again for every 64 rows: 193 us at
+# batch 64 on 4096x14336 (H200) where one CUDA decode pass takes 40 us and bf16 cuBLAS 38, so the
+# dense path takes 78 (BENCHMARKS.md). With torch ops doing the decode instead the dense path took
+# 5.9 ms at batch 256 (7.5x the chunked MMA kernel), so without the kernel large batches stay on
+# the chunked fused kernels. Opt-in until the kernel's GPU tests have run.
 DENSE_BATCH_THRESHOLD = 64
 GEMV_ENV = "GLQ_KERNELS_GEMV"
-FWHT_ENV = "GLQ_KERNELS_FWHT"
 DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 # GLQ_KERNELS_BATCHED=1: batches 9..64 at rates 2..4 take the register-tiled batched kernel (v5,
 # variant 3). Opt-in until tests/kernels -m cuda and the benchmark have passed on a GPU.
@@ -49,9 +49,10 @@ def _rate(bits: list[int]) -> int:
 
 def uses_dense_path(batch: int) -> bool:
     """Whether a matmul of ``batch`` rows decodes W̃ densely and calls cuBLAS (all backends but the
-    reference, which is dense anyway). The public API also uses it to hand the ops float32 tables
-    for such batches, so the decode is exact before its one rounding to x's dtype."""
-    return batch > DENSE_BATCH_THRESHOLD
+    reference, which is dense anyway): more than DENSE_BATCH_THRESHOLD rows, with the CUDA decode
+    kernel turned on (GLQ_KERNELS_DEQUANT=1). The public API also uses it to hand the ops float32
+    tables for such batches, so the decode is exact before its one rounding to x's dtype."""
+    return batch > DENSE_BATCH_THRESHOLD and os.environ.get(DEQUANT_ENV, "") == "1"
 
 
 # The CUDA extension's ops, behind module-level names so CPU tests can stand in for them.
@@ -74,8 +75,8 @@ def _dequantize_impl(
             tables = tables.to(torch.float32)
         return _cuda_dequantize(codes, tables.contiguous(), row_scale, _rate(bits), gain, dtype)
     # Torch ops everywhere else: the Triton backend has no dequantize kernel, and on CUDA the
-    # kernel above has not run on a GPU yet (opt in with GLQ_KERNELS_DEQUANT=1 until the GPU tests
-    # pass). Same float32 numbers either way; torch takes a few passes where the kernel takes one.
+    # kernel above has not passed its GPU tests yet (opt in with GLQ_KERNELS_DEQUANT=1). Same
+    # float32 numbers either way; torch takes ~20 passes where the kernel takes one (100x slower).
     return dequantize_reference(codes, tables, row_scale, bits, gain).to(dtype)
 
 
@@ -155,11 +156,7 @@ def hadamard_op(x: Tensor, block_sizes: list[int], signs: Tensor | None, out_sig
     backend = select_backend(x.device)
     if backend == "cuda":
         logs = [int(math.log2(n)) for n in block_sizes]
-        # The radix-16 kernel (v2: one barrier per four levels) is written to give v1's results bit
-        # for bit but has not run on a GPU yet: opt in with GLQ_KERNELS_FWHT=2 until tests/kernels
-        # -m cuda has passed there.
-        variant = 2 if os.environ.get(FWHT_ENV, "") == "2" else 1
-        return torch.ops.glq_cuda.hadamard(x.contiguous(), logs, signs, out_signs, variant)
+        return torch.ops.glq_cuda.hadamard(x.contiguous(), logs, signs, out_signs)
     if backend == "triton":
         _warn_once("hadamard-triton", "glq.kernels: no Triton Hadamard kernel; using PyTorch ops")
     return hadamard_butterfly(x, block_sizes, signs, out_signs)

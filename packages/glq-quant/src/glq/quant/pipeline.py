@@ -15,14 +15,15 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from glq.hf.config import FORMAT_VERSION, GLQFormat, LayerSpec
-from glq.quant import DEFAULT_FINETUNE_EPOCHS, allocate, arch, checkpoint, rht
+from glq.quant import DEFAULT_FINETUNE_EPOCHS, DEFAULT_FINETUNE_MODEL_EPOCHS, allocate, arch, checkpoint, rht
 from glq.quant.layer import QuantizedLayer, quantize_linear
 
 PARTIAL = ".glq-partial"
@@ -51,6 +52,7 @@ class _Plan:
     bpw_map_digest: str
     finetune_epochs: int = 0
     finetune_model_epochs: int = 0
+    model_epochs_auto: bool = False  # finetune_model_epochs was not given: off where it does not fit
 
     @property
     def fractional(self) -> bool:
@@ -59,11 +61,13 @@ class _Plan:
     def fingerprint(self) -> dict:
         # Whole-model tuning runs after the last block and leaves the block files alone, so a run
         # may resume with other finetune_model_epochs (say, 0 after it ran out of memory there).
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "finetune_model_epochs"}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__
+                if k not in ("finetune_model_epochs", "model_epochs_auto")}
 
 
 def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, dataset, seed, damp, bpw_map,
-              device, finetune_epochs: int = 0, finetune_model_epochs: int = 0, streaming: bool = False) -> _Plan:
+              device, finetune_epochs: int = 0, finetune_model_epochs: int | None = 0,
+              streaming: bool = False) -> _Plan:
     try:
         target = float(bpw)
     except (TypeError, ValueError):
@@ -84,6 +88,9 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
         raise ValueError(f"tune_iters={tune_iters} must be >= 0")
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs={finetune_epochs} must be >= 0 (0 turns block fine-tuning off)")
+    auto = finetune_model_epochs is None
+    if auto:  # the default: whole-model tuning wherever the model is in memory (not streaming)
+        finetune_model_epochs = 0 if streaming else DEFAULT_FINETUNE_MODEL_EPOCHS
     if finetune_model_epochs < 0:
         raise ValueError(f"finetune_model_epochs={finetune_model_epochs} must be >= 0 (0 turns it off)")
     if finetune_model_epochs and streaming:
@@ -99,7 +106,7 @@ def _validate(model, bpw, min_bpw, max_bpw, nsamples, seqlen, tune_iters, datase
     return _Plan(model=str(model), bpw=target, min_bpw=lo, max_bpw=hi, nsamples=int(nsamples), seqlen=int(seqlen),
                  tune_iters=int(tune_iters), dataset=str(dataset), seed=int(seed), damp=float(damp),
                  bpw_map_digest=digest, finetune_epochs=int(finetune_epochs),
-                 finetune_model_epochs=int(finetune_model_epochs))
+                 finetune_model_epochs=int(finetune_model_epochs), model_epochs_auto=auto)
 
 
 def _prepare_output(output_dir: Path, plan: _Plan, resume: bool) -> dict | None:
@@ -301,7 +308,7 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
              bpw_map: str | os.PathLike | dict | None = None, tune_iters: int = 0, streaming: bool = False,
              trust_remote_code: bool = False, dataset: str = "wikipedia", seed: int = 0, resume: bool = True,
              damp: float = 0.01, progress: bool = True, finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS,
-             finetune_model_epochs: int = 0) -> dict:
+             finetune_model_epochs: int | None = None) -> dict:
     """Quantize a causal LM into a GLQ folder; returns the run's summary (also in glq_report.json).
 
     Args:
@@ -316,7 +323,10 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
             default ``DEFAULT_FINETUNE_EPOCHS`` (2).
         finetune_model_epochs: passes of whole-model fine-tuning after the last block (the same
             parameters, every block at once, against the unquantized model's next-token
-            distribution); needs the model in memory (not with ``streaming``); 0 = off.
+            distribution); needs the model in memory (not with ``streaming``); 0 = off. By default
+            (None) ``DEFAULT_FINETUNE_MODEL_EPOCHS`` (2), turned off with a warning where its float32
+            copies of the quantized weights (4 bytes per weight) would not fit the device, and off
+            with ``streaming``; a number given explicitly is refused up front where it cannot fit.
         dataset: calibration text: a shipped name ("wikipedia", "c4"), a text file, or a hub dataset.
         streaming: build the model on the meta device and read each block's weights from the
             safetensors shards only when its turn comes, so host memory holds one block plus
@@ -334,7 +344,7 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
                         device: str = "cpu", min_bpw=None, max_bpw=None, bpw_map=None, tune_iters: int = 0,
                         streaming: bool = False, trust_remote_code: bool = False, dataset: str = "wikipedia",
                         seed: int = 0, resume: bool = True, damp: float = 0.01, progress: bool = True,
-                        finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS, finetune_model_epochs: int = 0):
+                        finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS, finetune_model_epochs: int | None = None):
     """``quantize``, also returning the model with every quantized weight replaced by its
     dequantized value (blocks on the CPU; None with ``streaming``), for evaluation."""
     start = time.perf_counter()
@@ -361,8 +371,13 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         blocks[i] = blocks[i].to("meta" if ckpt is not None else "cpu")
     layer_sizes = {f"{layout.path}.{i}.{n}": m.weight.numel()
                    for i, b in enumerate(blocks) for n, m in arch.block_linears(b).items()}  # meta-safe
-    if plan.finetune_model_epochs and dev.type == "cuda":
-        _check_model_tuning_memory(sum(layer_sizes.values()), dev)
+    if plan.finetune_model_epochs and (problem := _model_tuning_memory_problem(sum(layer_sizes.values()), dev)):
+        if not plan.model_epochs_auto:
+            raise ValueError(f"finetune_model_epochs={plan.finetune_model_epochs}: {problem}; use finetune_epochs "
+                             "(block by block) instead, or finetune_model_epochs=0")
+        warnings.warn(f"whole-model tuning is off for this run: {problem} (block fine-tuning still runs)",
+                      stacklevel=2)
+        plan = replace(plan, finetune_model_epochs=0)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
 
     group_cache: dict[int, list[list[str]]] = {}
@@ -462,17 +477,26 @@ def _read_layers(path: Path, prefix: str) -> tuple[dict[str, QuantizedLayer], di
     return layers, meta
 
 
-def _check_model_tuning_memory(n_weights: int, dev: torch.device) -> None:
-    """Refuse whole-model tuning up front (before hours of quantization) when its dense copies
-    alone cannot fit the GPU; a run that fails later anyway resumes without it (see fingerprint)."""
+def _model_tuning_memory_problem(n_weights: int, dev: torch.device) -> str | None:
+    """Why whole-model tuning cannot run here, or None: its dense float32 copies of the quantized
+    weights alone would take more than 90% of the GPU (or, on the CPU, half of the host's memory,
+    which also holds the model). Checked before hours of quantization; a run that fails later
+    anyway resumes without it (see _Plan.fingerprint)."""
     from glq.quant.finetune import model_tuning_bytes
 
     need = model_tuning_bytes(n_weights)
-    total = torch.cuda.get_device_properties(dev).total_memory
-    if need > 0.9 * total:
-        raise ValueError(f"finetune_model_epochs needs {need / 2**30:.1f} GiB on {dev} for float32 copies of the "
-                         f"{n_weights:,} quantized weights alone, more than 90% of its {total / 2**30:.1f} GiB; "
-                         "use finetune_epochs (block by block) instead")
+    if dev.type == "cuda":
+        total, share, where = torch.cuda.get_device_properties(dev).total_memory, 0.9, f"{dev}"
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): cannot tell, let it run
+            return None
+        share, where = 0.5, "the host"
+    if need <= share * total:
+        return None
+    return (f"it needs {need / 2**30:.1f} GiB on {where} for float32 copies of the {n_weights:,} quantized weights "
+            f"alone, more than {share:.0%} of its {total / 2**30:.1f} GiB")
 
 
 def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev) -> dict[str, dict]:

@@ -116,7 +116,7 @@ std::vector<int64_t> matmul_plan_info(int64_t B, int64_t M, int64_t K, int64_t r
 
 at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
                     const c10::optional<at::Tensor>& signs,
-                    const c10::optional<at::Tensor>& out_signs, int64_t variant) {
+                    const c10::optional<at::Tensor>& out_signs) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "glq_cuda.hadamard: expected a 2-D CUDA x with contiguous rows");
   const int dt = dtype_code(x);
@@ -143,9 +143,6 @@ at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
   p.dtype = dt;
   p.x_stride = x.stride(0);
   p.z_stride = z.stride(0);
-  TORCH_CHECK(variant == glq::kHadamardLevels || variant == glq::kHadamardRadix16,
-              "glq_cuda.hadamard: variant must be 1 (per-level kernel) or 2 (radix-16 kernel), got ", variant);
-  p.variant = static_cast<int>(variant);
   p.nseg = static_cast<int>(seg_log2.size());
   int start = 0;
   for (int s = 0; s < p.nseg; ++s) {
@@ -214,8 +211,7 @@ TORCH_LIBRARY(glq_cuda, m) {
   // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel,
   // 3 register-tiled batched kernel (B <= 64, rates 2..4; never chosen by auto yet)
   m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");
-  // variant: 1 per-level kernel (v1), 2 radix-16 kernel (v2); bit-identical results
-  m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs, int variant=1) -> Tensor");
+  m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs) -> Tensor");
   m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, int variant=0) -> int[]",
         &matmul_plan_info);
   // dense W (out, in) in dtype: the float32 reference decode rounded once (large-batch path)

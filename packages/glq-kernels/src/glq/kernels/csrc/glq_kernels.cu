@@ -1396,90 +1396,6 @@ __global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams
   }
 }
 
-// v2: the same butterflies in the same order, grouped into passes of up to four levels. A pass
-// gives each thread the 2^b values whose indices differ only in the pass's b bits, applies those
-// b levels in registers and writes them back: one barrier per pass instead of one per level, and
-// the first pass reads x straight from global memory, the last writes z straight to it. With
-// lg = 13 (8192 values) that is 4 passes and 3 barriers against v1's 10 shared-memory passes.
-// Shared memory is padded by one float per 32 so the first pass's contiguous chunks per thread
-// land in distinct banks.
-constexpr int kFwht2Threads = 512;
-
-__device__ __forceinline__ int fwht_pad(int i) { return i + (i >> 5); }
-
-template <typename T>
-__global__ void __launch_bounds__(kFwht2Threads) fwht_radix16_kernel(const HadamardParams p) {
-  extern __shared__ float buf[];
-  const int row = blockIdx.x;
-  const int seg = blockIdx.y;
-  const int start = p.seg_start[seg];
-  const int lg = p.seg_log2[seg];
-  const int n = 1 << lg;
-  const T* x = static_cast<const T*>(p.x) + row * p.x_stride + start;
-  T* z = static_cast<T*>(p.z) + row * p.z_stride + start;
-  const float* sg = p.signs ? p.signs + start : nullptr;
-  const float* so = p.out_signs ? p.out_signs + start : nullptr;
-  const float scale = rsqrtf(static_cast<float>(n));
-  if (lg == 0) {  // a block of one: signs and nothing else
-    if (threadIdx.x == 0) {
-      float v = load_as_float(x) * (sg ? sg[0] : 1.f) * scale;
-      if (so) v *= so[0];
-      z[0] = store_from_float<T>(v);
-    }
-    return;
-  }
-  const int passes = (lg + 3) / 4;
-  for (int pass = 0; pass < passes; ++pass) {
-    const int lo = pass * lg / passes;  // this pass owns index bits [lo, hi)
-    const int b = (pass + 1) * lg / passes - lo;
-    const int m = 1 << b;
-    const bool first = pass == 0, last = pass == passes - 1;
-    const int low_mask = (1 << lo) - 1;
-    for (int it = threadIdx.x; it < (n >> b); it += kFwht2Threads) {
-      const int base = ((it >> lo) << (lo + b)) | (it & low_mask);
-      float v[16];
-#pragma unroll
-      for (int e = 0; e < 16; ++e) {
-        if (e < m) {
-          const int i = base + (e << lo);
-          if (first) {
-            v[e] = load_as_float(x + i);
-            if (sg) v[e] *= sg[i];
-          } else {
-            v[e] = buf[fwht_pad(i)];
-          }
-        }
-      }
-#pragma unroll
-      for (int h = 1; h < 16; h *= 2) {
-        if (h < m) {
-#pragma unroll
-          for (int e = 0; e < 16; ++e)
-            if ((e & h) == 0 && e + h < m) {
-              const float a = v[e], c = v[e + h];
-              v[e] = a + c;
-              v[e + h] = a - c;
-            }
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 16; ++e) {
-        if (e < m) {
-          const int i = base + (e << lo);
-          if (last) {
-            float o = v[e] * scale;
-            if (so) o *= so[i];
-            z[i] = store_from_float<T>(o);
-          } else {
-            buf[fwht_pad(i)] = v[e];
-          }
-        }
-      }
-    }
-    if (!last) __syncthreads();
-  }
-}
-
 }  // namespace
 
 int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
@@ -1489,24 +1405,15 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
     if (p.seg_log2[s] < 0 || p.seg_log2[s] > kMaxHadamardLog2) return cudaErrorInvalidValue;
     max_log = std::max(max_log, p.seg_log2[s]);
   }
-  const bool radix = p.variant == kHadamardRadix16;
-  if (!radix && p.variant != kHadamardLevels) return cudaErrorInvalidValue;
   const int n = 1 << max_log;
-  const int smem = static_cast<int>(sizeof(float)) * (radix ? n + (n >> 5) : n);
-  const void* fn;
-  if (radix)
-    fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_radix16_kernel<__half>)
-         : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_radix16_kernel<__nv_bfloat16>)
-                                : reinterpret_cast<const void*>(&fwht_radix16_kernel<float>);
-  else
-    fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half>)
-         : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16>)
-                                : reinterpret_cast<const void*>(&fwht_kernel<float>);
+  const int smem = static_cast<int>(sizeof(float)) * n;
+  const void* fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half>)
+                   : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16>)
+                                          : reinterpret_cast<const void*>(&fwht_kernel<float>);
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<HadamardParams*>(&p)};
-  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(radix ? kFwht2Threads : kFwhtThreads), args,
-                         static_cast<size_t>(smem), stream);
+  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(kFwhtThreads), args, static_cast<size_t>(smem), stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

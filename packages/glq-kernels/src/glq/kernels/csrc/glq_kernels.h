@@ -58,13 +58,6 @@ struct HadamardParams {
   int nseg;
   int seg_start[kMaxHadamardSegments];
   int seg_log2[kMaxHadamardSegments];
-  int variant;  // HadamardKernel
-};
-
-// Which FWHT kernel hadamard_run launches. Both give bit-identical results (same butterfly order).
-enum HadamardKernel : int {
-  kHadamardLevels = 1,   // one shared-memory pass per butterfly level past the third (v1)
-  kHadamardRadix16 = 2,  // up to four levels per pass in registers, one barrier per pass (v2)
 };
 
 // Dense decode for large batches (the caller then runs cuBLAS on the result): out (M, K) =
