@@ -103,7 +103,7 @@ def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_p
     reports = {json.dumps(v["finetune_model"], sort_keys=True) for v in summary["layers"].values()}
     assert len(reports) == 1  # one record for the whole model
     rep = json.loads(reports.pop())
-    assert rep["loss"] == "kl" and rep["steps"] == 3 * 7  # 8 sequences, 1 held out
+    assert rep["loss"] == "kl" and rep["steps"] == 3 * 7 and rep["epochs"] == 3  # 8 sequences, 1 held out
     # The random tiny model's next-token distribution is nearly flat (KL ~1e-3) and 7 sequences of 32
     # tokens overfit, so here the held-out loss may not improve; then nothing may change (the
     # damaged-norm test below shows the tuning itself working).

@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--tune-iters", type=int, default=0)
     ap.add_argument("--finetune-epochs", type=int, nargs="+", default=[2],
                     help="block fine-tuning epochs; several values run every rate once per value")
-    ap.add_argument("--finetune-model-epochs", type=int, default=0, help="whole-model fine-tuning epochs")
+    ap.add_argument("--finetune-model-epochs", type=int, default=None,
+                    help="whole-model fine-tuning epochs (default: the pipeline's, 2 where it fits)")
     ap.add_argument("--windows", type=int, default=None, help="evaluate only this many windows")
     ap.add_argument("--min-bpw", type=int, default=None, help="lowest rate a fractional target may use")
     ap.add_argument("--max-bpw", type=int, default=None, help="highest rate a fractional target may use")
@@ -67,10 +68,12 @@ def main() -> None:
                 tune_iters=args.tune_iters, min_bpw=args.min_bpw, max_bpw=args.max_bpw, progress=False,
                 finetune_epochs=ft, finetune_model_epochs=args.finetune_model_epochs)
             seconds = time.perf_counter() - start
+            model_epochs = next((v["finetune_model"]["epochs"] for v in summary["layers"].values()
+                                 if "finetune_model" in v), 0)
             res = evaluate(model)
             rows.append({
                 "model": f"glq {rate:g} bpw" + (f", fine-tuned {ft} ep." if ft else "")
-                + (f", model-tuned {args.finetune_model_epochs} ep." if args.finetune_model_epochs else ""),
+                + (f", model-tuned {model_epochs} ep." if model_epochs else ""),
                 "bpw_codes": summary["bpw_codes"],
                 "bpw_with_overhead": summary["bpw_with_overhead"], "quantized_bytes": summary["quantized_bytes"],
                 **res, "delta_all": res["ppl_all"] / base["ppl_all"] - 1, "seconds": round(seconds, 1),

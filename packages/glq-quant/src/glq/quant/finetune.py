@@ -279,4 +279,4 @@ def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer
             p.requires_grad_(False)
         blocks[i] = blocks[i].to(dev, dtype)
     return {"loss_before": history[0], "loss_after": min(history), "steps": steps, "held_out_history": history,
-            "loss": "kl" if head is not None else "hidden"}
+            "loss": "kl" if head is not None else "hidden", "epochs": cfg.epochs}

@@ -41,16 +41,15 @@ class QuantizedLayer:
 def _encoder(code):
     """(n, 8) -> (n, 8) reconstruction through the code (unit-variance units).
 
-    LDLQ's targets are never decoded points, so the round-trip step of 4-6 bpw (which only
-    recognises decoded points) is skipped here; 3 bpw keeps its exact-nearest completion. The
-    final encode of the chosen points (quantize_linear) keeps the default, so the stored codes
-    decode to exactly the points LDLQ chose."""
-    from glq.lattice.codec import EXACT
-
-    exact = code.bpw in EXACT
+    The beam search alone (``exact=False``): LDLQ's targets are never decoded points, so the
+    round-trip step of 4-6 bpw (which only recognises decoded points) would find nothing, and 3
+    bpw's exact-nearest completion costs 2.2x the search for 0.04% of MSE (20k Gaussian vectors:
+    0.02450 against 0.02451; 331 against 152 us per vector on the 2-core CPU). The final encode of
+    the chosen points (quantize_linear) keeps the default, so the stored codes decode to exactly
+    the points LDLQ chose."""
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
-        return code.decode(code.encode(x, exact=exact)).to(x.dtype)
+        return code.decode(code.encode(x, exact=False)).to(x.dtype)
     return quantize
 
 

@@ -1337,10 +1337,14 @@ __device__ __forceinline__ __nv_bfloat16 store_from_float<__nv_bfloat16>(float v
   return __float2bfloat16_rn(v);
 }
 
-constexpr int kFwhtThreads = 256;
-
-template <typename T>
-__global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams p) {
+// One CTA per (row, block) applies every level of its block, so at batch 1 a single SM does a
+// whole 4096- or 8192-point transform: its time is the CTA's instruction count, not bandwidth.
+// Large blocks therefore get more threads (H200, 256 threads: 5.9 us for 4096 points, 9.7 for
+// 14336 = 8192 + 4096 + 2048, against 9.4 us for a whole 4096x4096 2-bpw matmul). Which thread
+// applies a butterfly does not change its inputs or its order, so every thread count gives
+// bit-identical results.
+template <typename T, int NT>
+__global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
   extern __shared__ float buf[];
   const int row = blockIdx.x;
   const int seg = blockIdx.y;
@@ -1354,7 +1358,7 @@ __global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams
 
   int h0 = 1;
   if (n >= 8) {
-    for (int q = threadIdx.x; q < n / 8; q += kFwhtThreads) {
+    for (int q = threadIdx.x; q < n / 8; q += NT) {
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -1375,12 +1379,12 @@ __global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams
     }
     h0 = 8;
   } else {
-    for (int i = threadIdx.x; i < n; i += kFwhtThreads)
+    for (int i = threadIdx.x; i < n; i += NT)
       buf[i] = load_as_float(x + i) * (sg ? sg[i] : 1.f);
   }
   __syncthreads();
   for (int h = h0, lh = (h0 == 8 ? 3 : 0); h < n; h *= 2, ++lh) {
-    for (int q = threadIdx.x; q < n / 2; q += kFwhtThreads) {
+    for (int q = threadIdx.x; q < n / 2; q += NT) {
       const int i = ((q >> lh) << (lh + 1)) | (q & (h - 1));
       const float a = buf[i], b = buf[i + h];
       buf[i] = a + b;
@@ -1389,11 +1393,24 @@ __global__ void __launch_bounds__(kFwhtThreads) fwht_kernel(const HadamardParams
     __syncthreads();
   }
   const float scale = rsqrtf(static_cast<float>(n));
-  for (int i = threadIdx.x; i < n; i += kFwhtThreads) {
+  for (int i = threadIdx.x; i < n; i += NT) {
     float v = buf[i] * scale;
     if (so) v *= so[i];
     z[i] = store_from_float<T>(v);
   }
+}
+
+template <int NT>
+const void* fwht_kernel_of(int dtype) {
+  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half, NT>)
+         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16, NT>)
+                              : reinterpret_cast<const void*>(&fwht_kernel<float, NT>);
+}
+
+const void* fwht_kernel_for(int dtype, int threads) {
+  return threads == 1024  ? fwht_kernel_of<1024>(dtype)
+         : threads == 512 ? fwht_kernel_of<512>(dtype)
+                          : fwht_kernel_of<256>(dtype);
 }
 
 }  // namespace
@@ -1407,13 +1424,13 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   }
   const int n = 1 << max_log;
   const int smem = static_cast<int>(sizeof(float)) * n;
-  const void* fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half>)
-                   : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16>)
-                                          : reinterpret_cast<const void*>(&fwht_kernel<float>);
+  // About 4 points per thread for the largest block (2 butterflies per level), 256..1024 threads.
+  const int threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
+  const void* fn = fwht_kernel_for(p.dtype, threads);
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<HadamardParams*>(&p)};
-  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(kFwhtThreads), args, static_cast<size_t>(smem), stream);
+  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
