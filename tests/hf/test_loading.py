@@ -192,3 +192,64 @@ def test_random_model_built_without_dense_weights_saves_and_loads(tiny_llama_pat
     ids = torch.tensor([[7, 7, 1]])
     with torch.no_grad():
         assert torch.equal(again(ids).logits, m(ids).logits)
+
+
+def test_siblings_with_equal_input_signs_rotate_their_input_once(tiny_llama_path, monkeypatch):
+    """q/k/v and gate/up with one set of input signs (as glq.quant writes them) share one input
+    transform per forward: the logits are bit-identical to unshared layers, with 2 input
+    transforms per block instead of 5; a modified input is transformed again."""
+    from transformers import AutoConfig
+
+    from glq.hf import _kernels
+    from glq.hf.linear import GLQLinear, link_shared_inputs
+    from glq.hf.testing import random_glq_model
+
+    config = AutoConfig.from_pretrained(tiny_llama_path)
+    m = random_glq_model(config, lambda n: 3 if "mlp" in n else 2, dtype=torch.float32, tables="random")
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+    assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not None
+    assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None
+    assert attn.q_proj.shared_input is not m.model.layers[1].self_attn.q_proj.shared_input
+
+    calls = {"hadamard": 0, "linear": 0}
+    for fn in calls:
+        real = getattr(_kernels, fn)
+
+        def counted(*a, _real=real, _fn=fn, **k):
+            calls[_fn] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_kernels, fn, counted)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        shared = m(ids).logits
+        assert calls == {"hadamard": 2 * 2, "linear": 2 * 2}  # per block: qkv, gate/up | o, down
+        assert attn.q_proj.shared_input._x is None  # let go once all three had it
+        layers = [mod for mod in m.modules() if isinstance(mod, GLQLinear)]
+        for layer in layers:
+            layer.shared_input = None
+        assert torch.equal(m(ids).logits, shared)
+        assert link_shared_inputs(m) == 5 * config.num_hidden_layers
+
+        x = torch.randn(3, config.hidden_size)
+        attn.q_proj(x)
+        x.mul_(2)  # in place: the cached transform of x is stale now
+        k = attn.k_proj(x)
+        attn.k_proj.shared_input = None
+        assert torch.equal(k, attn.k_proj(x))
+    # a folder whose layers all have their own signs links nothing
+    m = random_glq_model(config, 2, dtype=torch.float32, tables="random", shared_input_signs=False)
+    assert link_shared_inputs(m) == 0
+
+
+def test_loaded_folder_links_layers_that_share_input_signs(glq_folder):
+    """from_pretrained links q/k/v and gate/up of a folder whose groups share input signs (the
+    fixture writes them as glq.quant does, in_seed recorded), whatever their rates."""
+    model = _load(glq_folder, dtype=torch.float32)
+    fmt = model.config.quantization_config.format
+    attn = model.model.layers[0].self_attn
+    assert fmt.layers["model.layers.0.self_attn.k_proj"].in_seed == fmt.layers["model.layers.0.self_attn.q_proj"].seed
+    assert len({attn.q_proj.spec.bpw, attn.k_proj.spec.bpw, attn.v_proj.spec.bpw}) > 1  # mixed rates
+    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+    assert attn.q_proj.shared_input.members == 3 and attn.o_proj.shared_input is None

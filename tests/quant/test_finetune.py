@@ -25,6 +25,8 @@ def _assert_loads_to(out, model) -> None:
     import glq.hf  # noqa: F401
 
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    attn = loaded.model.layers[1].self_attn
+    assert attn.q_proj.shared_input is attn.v_proj.shared_input is not None  # one input transform
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = loaded(ids).logits
@@ -67,6 +69,12 @@ def test_tuned_folder_loads_to_the_evaluated_model(tuned, tiny_llama_path, folde
         assert not torch.equal(tensors[norm], st.get_tensor(norm).to(tensors[norm].dtype))  # norms tuned too
     # the overhead counts 16-bit signs for the tuned layers
     assert summary["bpw_with_overhead"] > 2.0 + 8 * 6 / 160
+    # q/k/v (and gate/up) share one input gain vector: their tuned signs stay equal, so glq.hf
+    # still transforms their common input once
+    qkv = [tensors[f"model.layers.1.self_attn.{n}_proj.signs_in"] for n in "qkv"]
+    assert torch.equal(qkv[0], qkv[1]) and torch.equal(qkv[0], qkv[2])
+    gate_up = [tensors[f"model.layers.1.mlp.{n}_proj.signs_in"] for n in ("gate", "up")]
+    assert torch.equal(*gate_up) and len(gate_up[0].unique()) > 2
     _assert_loads_to(out, model)
 
 

@@ -10,9 +10,10 @@ import torch
 from glq.hf.config import GLQFormat, stage_bits
 from glq.quant import pipeline, quantize
 
-# Whole-model tuning off: these tests check the folder's layout and the quantizer itself (the
-# tuning's own tests are in test_finetune.py; tuned layers store float16 gains, not bare signs).
-TINY = {"nsamples": 4, "seqlen": 32, "dataset": "c4", "progress": False, "finetune_model_epochs": 0}
+# Both tunings off: these tests check the folder's layout and the quantizer itself (the tunings'
+# own tests are in test_finetune.py; tuned layers store float16 gains, not bare signs).
+TINY = {"nsamples": 4, "seqlen": 32, "dataset": "c4", "progress": False, "finetune_epochs": 0,
+        "finetune_model_epochs": 0}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,17 @@ def test_folder_holds_codes_at_their_true_width(tiny_2bpw, tiny_llama_path, fold
     # seeds are per layer: signs differ between layers of equal width
     a, b = (tensors[f"model.layers.{i}.self_attn.q_proj.signs_in"] for i in (0, 1))
     assert not torch.equal(a, b)
+    # ... except that layers reading one input share its signs (recorded as in_seed), so glq.hf
+    # rotates that input once; their output signs stay their own
+    sig = lambda rel, kind="in": tensors[f"model.layers.1.{rel}.signs_{kind}"]  # noqa: E731
+    q, k, v, o = (f"self_attn.{n}_proj" for n in "qkvo")
+    gate, up, down = (f"mlp.{n}_proj" for n in ("gate", "up", "down"))
+    assert torch.equal(sig(q), sig(k)) and torch.equal(sig(q), sig(v)) and torch.equal(sig(gate), sig(up))
+    assert not torch.equal(sig(q), sig(o)) and not torch.equal(sig(gate)[:64], sig(down)[:64])
+    assert not torch.equal(sig(k, "out"), sig(v, "out"))
+    specs = {n.split("layers.1.")[1]: s for n, s in fmt.layers.items() if ".layers.1." in n}
+    assert specs[k].in_seed == specs[v].in_seed == specs[q].seed != specs[k].seed and specs[q].in_seed is None
+    assert specs[up].in_seed == specs[gate].seed and specs[o].in_seed is None and specs[down].in_seed is None
     assert summary["bpw_codes"] == pytest.approx(2.0)
     assert summary["bpw_with_overhead"] < 2.0 + 8 * 6 / 96  # row scale + two sign bytes per row/col
     assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors  # tied

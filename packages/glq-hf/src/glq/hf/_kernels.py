@@ -27,6 +27,16 @@ def linear(x: torch.Tensor, codes: Sequence[torch.Tensor], tables, row_scale: to
     return glq_linear(x, codes, tables, row_scale, signs_in, signs_out, in_blocks, out_blocks)
 
 
+def linear_rotated(xt: torch.Tensor, codes: Sequence[torch.Tensor], tables, row_scale: torch.Tensor,
+                   signs_out: torch.Tensor, out_blocks: Sequence[int]) -> torch.Tensor:
+    """``linear`` from an input already rotated, xt = H_in(signs_in ⊙ x): the same ops in the
+    same order, so the result equals ``linear(x, ...)`` bit for bit."""
+    from glq.kernels import hadamard as _hadamard
+    from glq.kernels import matmul
+
+    return _hadamard(matmul(xt, codes, tables, row_scale), out_blocks, None, signs_out)
+
+
 def dequantize_rotated(codes: Sequence[torch.Tensor], tables, row_scale: torch.Tensor) -> torch.Tensor:
     """diag(row_scale) · W̃ as a dense (out, in) float32 tensor."""
     from glq.kernels import dequantize

@@ -51,9 +51,12 @@ class LayerSpec:
     out_features: int
     in_blocks: tuple[int, ...]
     out_blocks: tuple[int, ...]
-    seed: int
+    seed: int  # signs_out come from seed + 1, signs_in from in_seed if given, else from seed
     bias: bool = False
     signs_dtype: str = "int8"  # "float16": signs carry fine-tuned channel gains (written only then)
+    # The seed of signs_in when layers that read one input share them (q/k/v, gate/up: their input
+    # transform is computed once at inference); written only then.
+    in_seed: int | None = None
 
     def __post_init__(self):
         if self.signs_dtype not in SIGNS_DTYPES:
@@ -78,8 +81,10 @@ class LayerSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["in_blocks"], d["out_blocks"] = list(self.in_blocks), list(self.out_blocks)
-        if self.signs_dtype == "int8":  # the default stays implicit: such configs read as before
+        if self.signs_dtype == "int8":  # the defaults stay implicit: such configs read as before
             del d["signs_dtype"]
+        if self.in_seed is None:
+            del d["in_seed"]
         return d
 
 

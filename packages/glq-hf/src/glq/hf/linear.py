@@ -53,6 +53,7 @@ class GLQLinear(nn.Module):
         else:
             self.bias = None
         self.tables = None
+        self.shared_input: SharedInput | None = None  # set by link_shared_inputs
         if tables is not None:
             self.attach(tables)
 
@@ -81,8 +82,13 @@ class GLQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tables = self._require_tables()
-        y = _kernels.linear(x, self.codes, tables, self.row_scale, self._signs_in_f, self._signs_out_f,
-                            self.spec.in_blocks, self.spec.out_blocks)
+        if self.shared_input is None or torch.compiler.is_compiling():
+            y = _kernels.linear(x, self.codes, tables, self.row_scale, self._signs_in_f, self._signs_out_f,
+                                self.spec.in_blocks, self.spec.out_blocks)
+        else:
+            xt = self.shared_input.rotated(x, self._signs_in_f, self.spec.in_blocks)
+            y = _kernels.linear_rotated(xt, self.codes, tables, self.row_scale, self._signs_out_f,
+                                        self.spec.out_blocks)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -102,3 +108,70 @@ class GLQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bpw={self.spec.bpw}, "
                 f"bias={self.bias is not None}")
+
+
+class SharedInput:
+    """The input transform of sibling layers that read the same tensor with the same input signs
+    (q/k/v and gate/up of a model quantized by glq.quant, which draws one set of input signs per
+    group of layers sharing an input): the first layer to see an input computes
+    H_in(signs_in ⊙ x), and its siblings reuse it while the input is the very same tensor, not
+    modified since (its version counter). One Hadamard launch instead of three for q/k/v and one
+    instead of two for gate/up; the results are bit-identical to unshared layers. Skipped under
+    torch.compile, which traces each layer on its own."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self.clear()
+
+    def rotated(self, x: torch.Tensor, signs_in: torch.Tensor, in_blocks) -> torch.Tensor:
+        version = _version(x)
+        if x is self._x and version == self._version:
+            xt, self._uses = self._xt, self._uses + 1
+        else:
+            xt = _kernels.hadamard(x, in_blocks, signs_in)
+            self._x, self._version, self._xt, self._uses = x, version, xt, 1
+        if self._uses >= self.members:
+            # Every sibling has had it: let go, so a long prefill's activations are not kept
+            # alive until the next forward (2 GB for 2048 tokens of an 8B model otherwise).
+            self.clear()
+        return xt
+
+    def clear(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._xt: torch.Tensor | None = None
+        self._version, self._uses = -1, 0
+
+
+def _version(x: torch.Tensor) -> int:
+    # Inference-mode tensors keep no version counter: there identity alone decides (transformers'
+    # attention and MLP pass one untouched tensor to their projections).
+    return -2 if x.is_inference() else x._version
+
+
+def link_shared_inputs(model: nn.Module) -> int:
+    """Give sibling GLQLinear layers (children of one module) with equal input signs and blocks
+    one :class:`SharedInput`; returns the number of layers linked. Layers from folders whose
+    signs differ per layer (earlier glq.quant, fine-tuned gains that differ) are left alone."""
+    linked = 0
+    for parent in model.modules():
+        groups: list[list[GLQLinear]] = []
+        for child in parent.children():
+            if not isinstance(child, GLQLinear) or child.signs_in.device.type == "meta":
+                continue
+            child.shared_input = None
+            for g in groups:
+                head = g[0]
+                if (head.spec.in_blocks == child.spec.in_blocks and head.signs_in.dtype == child.signs_in.dtype
+                        and head.signs_in.device == child.signs_in.device
+                        and torch.equal(head.signs_in, child.signs_in)):
+                    g.append(child)
+                    break
+            else:
+                groups.append([child])
+        for g in groups:
+            if len(g) > 1:
+                shared = SharedInput(len(g))
+                for layer in g:
+                    layer.shared_input = shared
+                linked += len(g)
+    return linked

@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from glq.hf import checks, guard
 from glq.hf.config import FORMAT_VERSION, GLQFormat
-from glq.hf.linear import GLQLinear
+from glq.hf.linear import GLQLinear, link_shared_inputs
 from glq.hf.tables import TABLES_ATTR, GLQTables
 
 QUANT_METHOD = "glq"
@@ -138,6 +138,7 @@ def attach_tables(model, fmt: GLQFormat, where: str = "model") -> None:
     tables._packed.clear()
     for name in fmt.layers:
         layers[name].attach(tables.packed(fmt.layers[name].bpw))
+    link_shared_inputs(model)
 
 
 _registered = False

@@ -9,6 +9,7 @@ is the real one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -196,6 +197,15 @@ def random_glq_folder(src: str | Path, out: str | Path,
             lt[f"{name}.bias"] = b
         tensors.update(lt)
         layers[name] = spec
+    # Layers reading one input share its signs, as glq.quant writes them (glq.hf then transforms
+    # that input once per group).
+    first: dict[tuple[str, str], str] = {}
+    for name, spec in list(layers.items()):
+        parent, _, child = name.rpartition(".")
+        head = first.setdefault((parent, _INPUT_GROUPS.get(child, child)), name)
+        if head != name and layers[head].in_features == spec.in_features:
+            tensors[f"{name}.signs_in"] = tensors[f"{head}.signs_in"].clone()
+            layers[name] = dataclasses.replace(spec, in_seed=layers[head].seed)
     if not layers:
         raise ValueError(f"no linear of {src} was chosen for quantization by rates={rates!r}")
     fmt = GLQFormat(layers=layers, format_version=FORMAT_VERSION, codebook=f"glq.hf.testing:{tables}",
@@ -220,9 +230,13 @@ def random_glq_folder(src: str | Path, out: str | Path,
     return out
 
 
+# Llama-family projections that read one input (glq.quant finds these groups by tracing a block).
+_INPUT_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
 def random_glq_model(config, rates: int | Mapping[str, int] | Callable[[str], int | None] = 2, *,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     tables: str = "auto", seed: int = 0):
+                     tables: str = "auto", seed: int = 0, shared_input_signs: bool = True):
     """A causal LM of ``config``'s shape with random GLQ layers, built straight on ``device``.
 
     The skeleton is made on the meta device and only the GLQ tensors (codes, scales, signs), the
@@ -235,6 +249,8 @@ def random_glq_model(config, rates: int | Mapping[str, int] | Callable[[str], in
         rates: one bpw for every quantizable linear, a mapping name -> bpw, or a function.
         device / dtype: where and in which float dtype to build.
         tables: "auto", "lattice" or "random" (see :func:`stage_tables`).
+        shared_input_signs: sibling layers of equal input width (q/k/v, gate/up) get the same
+            input signs, as glq.quant writes them, so glq.hf transforms their input once.
     """
     from transformers import AutoModelForCausalLM
 
@@ -274,6 +290,16 @@ def random_glq_model(config, rates: int | Mapping[str, int] | Callable[[str], in
                 signs.copy_(torch.randint(0, 2, signs.shape, generator=g, device=device, dtype=torch.int32) * 2 - 1)
             if layer.bias is not None:
                 layer.bias.zero_()
+        if shared_input_signs:
+            first: dict[tuple[str, str], torch.Tensor] = {}
+            for name in specs:
+                layer = model.get_submodule(name)
+                parent, _, child = name.rpartition(".")
+                key = (parent, _INPUT_GROUPS.get(child, child))
+                if key in first:
+                    layer.signs_in.copy_(first[key])
+                else:
+                    first[key] = layer.signs_in
         holder = getattr(model, TABLES_ATTR)
         for key, value in table_tensors(fmt.rates, tables).items():
             getattr(holder, key.split(".", 1)[1]).copy_(value)

@@ -80,6 +80,20 @@ class _TunedLinear(nn.Module):
                        signs_in=s_in.half().cpu(), signs_out=s_out.half().cpu(), weight=self.weight().cpu())
 
 
+def _tie_input_gains(mods: list[_TunedLinear]) -> None:
+    """Layers of a block with equal input signs (glq.quant draws one set per group of layers that
+    read the same input) share one input gain vector, so their tuned signs stay equal and glq.hf
+    keeps transforming their common input once (glq.hf.linear.SharedInput)."""
+    heads: list[_TunedLinear] = []
+    for m in mods:
+        for h in heads:
+            if h.spec.in_blocks == m.spec.in_blocks and torch.equal(h.s_in, m.s_in):
+                m.g_in = h.g_in  # the same Parameter: named_parameters() and Adam see it once
+                break
+        else:
+            heads.append(m)
+
+
 def _block_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, kwargs: dict, idx) -> torch.Tensor:
     """Mean over tokens of ‖block(x) − target‖² / ‖target‖², each token relative to itself.
 
@@ -118,6 +132,7 @@ def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x
         tuned[full] = _TunedLinear(q, lin.bias, device)
         originals[rel] = lin
         _set_submodule(block, rel, tuned[full])
+    _tie_input_gains(list(tuned.values()))
     block.float()
     # Only vectors train (gains, norm weights, biases); any dense weight left in the block stays.
     params = {k: p for k, p in block.named_parameters() if p.dim() == 1}
@@ -238,12 +253,15 @@ def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer
     swapped: list[tuple[nn.Module, str, nn.Module, str, _TunedLinear]] = []  # (block, rel, linear, full, tuned)
     for i, block in enumerate(blocks):
         prefix = f"{blocks_path}.{i}"
+        mods = []
         for rel, lin in arch.block_linears(block).items():
             full = f"{prefix}.{rel}"
             if full in layers:  # swapped out before the move: the dense weights stay where they are
                 mod = _TunedLinear(layers[full], lin.bias, device)
                 swapped.append((block, rel, lin, full, mod))
                 _set_submodule(block, rel, mod)
+                mods.append(mod)
+        _tie_input_gains(mods)
         blocks[i] = block.to(device).float()
     params = {f"{i}.{k}": p for i, b in enumerate(blocks) for k, p in b.named_parameters() if p.dim() == 1}
     for b in blocks:

@@ -54,10 +54,13 @@ def _encoder(code):
 
 
 def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw: int, seed: int,
-                    tune_iters: int = 0, damp: float = 0.01, scale_mult: float = 1.0) -> QuantizedLayer:
+                    tune_iters: int = 0, damp: float = 0.01, scale_mult: float = 1.0,
+                    in_seed: int | None = None) -> QuantizedLayer:
     """Quantize ``weight`` (out, in) at ``bpw`` against its input Hessian (in, in).
 
     ``scale_mult`` multiplies every row's scale (rows are normalised to unit RMS by default).
+    The input signs come from ``in_seed`` when given (layers sharing an input share them, so
+    inference transforms that input once), the output signs from ``seed + 1``.
     """
     from glq.lattice import codec
 
@@ -66,7 +69,8 @@ def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw:
     if in_features % 8:
         raise ValueError(f"{name}: in_features={in_features} is not a multiple of 8")
     in_blocks, out_blocks = rht.blocks_for(in_features), _out_blocks(out_features)
-    s_in = rht.random_signs(in_features, seed).to(weight.device)
+    in_seed = None if in_seed == seed else in_seed
+    s_in = rht.random_signs(in_features, seed if in_seed is None else in_seed).to(weight.device)
     s_out = rht.random_signs(out_features, seed + 1).to(weight.device)
     h = _ldlq.damp_hessian(hessian.to(torch.float64), damp, name)
     ht = rht.transform_hessian(h, s_in, in_blocks)
@@ -95,7 +99,7 @@ def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bpw:
     sqnr = 10 * math.log10(float(wt.pow(2).sum()) / max(float(err), 1e-30))
     dense = rht.untransform_weight(qt, s_in, s_out, in_blocks, out_blocks)
     spec = LayerSpec(bpw=bpw, in_features=in_features, out_features=out_features,
-                     in_blocks=in_blocks, out_blocks=out_blocks, seed=seed)
+                     in_blocks=in_blocks, out_blocks=out_blocks, seed=seed, in_seed=in_seed)
     return QuantizedLayer(
         spec=spec,
         codes=tuple(c.reshape(out_features, in_features // 8) for c in codes),

@@ -273,12 +273,20 @@ def _quantize_block(block: nn.Module, prefix: str, calib: _Calibration, rates: d
             full = f"{prefix}.{rel}"
             lin = linears[rel]
             q = quantize_linear(full, lin.weight.data, h.to(lin.weight.device), rates[full],
-                                seed=rht.layer_seed(plan.seed, full), tune_iters=plan.tune_iters, damp=plan.damp)
+                                seed=rht.layer_seed(plan.seed, full), tune_iters=plan.tune_iters, damp=plan.damp,
+                                in_seed=_group_in_seed(plan, prefix, group))
             if lin.bias is not None:
                 q.spec = LayerSpec(**{**q.spec.__dict__, "bias": True})
             lin.weight.data.copy_(q.weight.to(lin.weight.dtype))
             done[full] = q
     return done
+
+
+def _group_in_seed(plan: _Plan, prefix: str, group: list[str]) -> int:
+    """One input-sign seed per group of layers that read the same input (its first layer's own
+    seed): the group's Hessian is one, its transform is one, and glq.hf then rotates the shared
+    input once for the whole group (glq.hf.linear.SharedInput). Output signs stay per layer."""
+    return rht.layer_seed(plan.seed, f"{prefix}.{group[0]}")
 
 
 def _profile(calib: _Calibration, fetch, release, layout, plan: _Plan, groups_of, progress: bool):
@@ -295,7 +303,8 @@ def _profile(calib: _Calibration, fetch, release, layout, plan: _Plan, groups_of
                 w = linears[rel].weight.data
                 losses[full] = {
                     r: quantize_linear(full, w, hessians[group[0]], r, seed=rht.layer_seed(plan.seed, full),
-                                       damp=plan.damp).proxy_loss
+                                       damp=plan.damp, in_seed=_group_in_seed(plan, f"{layout.path}.{i}", group)
+                                       ).proxy_loss
                     for r in range(plan.min_bpw, plan.max_bpw + 1)
                 }
         calib.run(block)
