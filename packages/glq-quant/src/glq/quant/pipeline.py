@@ -53,6 +53,9 @@ class _Plan:
     finetune_epochs: int = 0
     finetune_model_epochs: int = 0
     model_epochs_auto: bool = False  # finetune_model_epochs was not given: off where it does not fit
+    # How input signs are drawn; in the fingerprint so that a partial run written by an older
+    # glq.quant (signs per layer) is not resumed into a folder that mixes the two.
+    input_signs: str = "per-group"
 
     @property
     def fractional(self) -> bool:
