@@ -31,7 +31,7 @@ for s in "${steps[@]}"; do case $s in
   lattice) step lattice 150 python3 -m pytest -q -p no:cacheprovider tests/lattice -m cuda ;;
   cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
   mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
-  decode) step decode 200 python3 packages/glq-hf/benchmarks/bench_decode.py --no-compile --json "$out/decode.json" ;;
+  decode) step decode 240 python3 packages/glq-hf/benchmarks/bench_decode.py --no-compile --unshared --json "$out/decode.json" ;;
   compile) step compile 400 python3 packages/glq-hf/benchmarks/bench_decode.py --compile-only --rates 2 \
         --json "$out/compile.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;

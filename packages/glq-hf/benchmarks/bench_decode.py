@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-only", action="store_true",
                     help="only the torch.compile row of the last rate (compiling an 8B model takes minutes)")
+    ap.add_argument("--unshared", action="store_true",
+                    help="also time the first rate with q/k/v and gate/up transforming their input separately")
     ap.add_argument("--compile-scope", choices=["layers", "model"], default="layers",
                     help="compile each decoder layer (fast to compile) or the whole model")
     ap.add_argument("--json", type=Path, default=None)
@@ -157,6 +159,14 @@ def main() -> None:
         model = random_glq_model(config, bpw, device="cuda", dtype=torch.bfloat16)
         if not args.compile_only:
             measure(f"glq-{bpw}bpw", model, args, rows)
+            if args.unshared and i == 0:  # the same model, each layer transforming its own input
+                from glq.hf.linear import GLQLinear, link_shared_inputs
+
+                for m in model.modules():
+                    if isinstance(m, GLQLinear):
+                        m.shared_input = None
+                measure(f"glq-{bpw}bpw-unshared", model, args, rows)
+                link_shared_inputs(model)
         if i == len(args.rates) - 1 and not args.no_compile:  # last: compiling is slow and may fail
             try:
                 measure_compile(f"glq-{bpw}bpw", model, args, rows)
