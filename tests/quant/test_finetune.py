@@ -259,3 +259,13 @@ def test_cuda_run_with_both_tunings_and_a_fractional_rate_loads_to_the_evaluated
     assert abs(summary["bpw_codes"] - 2.5) < 0.05
     assert all("finetune" in v and "finetune_model" in v for v in summary["layers"].values())
     _assert_loads_to(out, model.cpu())
+
+
+def test_progress_covers_whole_model_tuning(tiny_llama_path, tmp_path, capfd):
+    """With progress on, whole-model tuning has its own bar (steps and ETA), after the block loop's."""
+    quantize(str(tiny_llama_path), tmp_path / "glq", bpw=2, finetune_epochs=0, finetune_model_epochs=1,
+             **{**TINY, "progress": True})
+    err = capfd.readouterr().err
+    assert "quantizing" in err and "tuning the whole model" in err
+    assert err.index("tuning the whole model") > err.index("quantizing")
+    assert "7/7" in err  # 8 sequences, 1 held out, 1 epoch

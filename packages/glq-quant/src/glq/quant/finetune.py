@@ -152,7 +152,7 @@ def tune_block(block: nn.Module, prefix: str, done: dict[str, QuantizedLayer], x
 
 
 def _train_keep_best(params: dict[str, torch.Tensor], loss_of, train: list[int], val: list[int], cfg: TuneConfig,
-                     seed: int) -> tuple[list[float], int]:
+                     seed: int, on_step=None) -> tuple[list[float], int]:
     """Adam over ``params``, one step per training sequence in a seeded order; after each epoch the
     held-out loss ``loss_of(val)`` is taken, and ``params`` end holding the best epoch's values, or
     their starting ones if no epoch beat them. Returns (held-out loss before and after each epoch,
@@ -172,6 +172,8 @@ def _train_keep_best(params: dict[str, torch.Tensor], loss_of, train: list[int],
             loss_of([train[i]]).backward()
             opt.step()
             steps += 1
+            if on_step is not None:
+                on_step()
         with torch.no_grad():
             now = float(loss_of(val))
         if now < min(history):
@@ -226,7 +228,8 @@ def model_tuning_bytes(n_quantized_weights: int) -> int:
 
 
 def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer], x0: torch.Tensor,
-               teacher: torch.Tensor, kwargs: dict, cfg: TuneConfig, device: torch.device) -> dict:
+               teacher: torch.Tensor, kwargs: dict, cfg: TuneConfig, device: torch.device,
+               progress: bool = False) -> dict:
     """Tune every block's continuous parameters at once (the same ones as :func:`tune_block`) so
     the quantized model's output distribution matches the unquantized model's.
 
@@ -288,7 +291,17 @@ def tune_model(lm: nn.Module, blocks_path: str, layers: dict[str, QuantizedLayer
             total = total + (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         return total / max(len(idx), 1)
 
-    history, steps = _train_keep_best(params, loss_of, train, val, cfg, seed=1)
+    bar = None
+    if progress:  # minutes on a large model: show steps and an ETA like the block loop does
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs * len(train), desc="tuning the whole model", unit="seq")
+    try:
+        history, steps = _train_keep_best(params, loss_of, train, val, cfg, seed=1,
+                                          on_step=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
     improved = min(history) < history[0]
     for block, rel, lin, full, mod in swapped:  # Module.to works in place: the same block objects
         layers[full] = _swap_back(block, rel, lin, mod, layers[full], improved)

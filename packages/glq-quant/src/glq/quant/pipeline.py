@@ -445,7 +445,7 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         calib.run(block)
         release(i)
     if plan.finetune_model_epochs and not model_tuned:
-        results.update(_tune_model(lm, layout, calib, plan, out, dev))
+        results.update(_tune_model(lm, layout, calib, plan, out, dev, progress))
         state["model_tuned"] = plan.finetune_model_epochs
         model_tuned = True
         _save_atomic(out / PARTIAL / "state.json", lambda p: p.write_text(json.dumps(state)))
@@ -511,7 +511,7 @@ def _model_tuning_memory_problem(n_weights: int, dev: torch.device) -> str | Non
             f"alone, more than {share:.0%} of its {total / 2**30:.1f} GiB")
 
 
-def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev) -> dict[str, dict]:
+def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev, progress: bool = False) -> dict[str, dict]:
     """Whole-model fine-tuning after the last block; writes the ``.tuned`` block files."""
     from glq.quant import finetune
 
@@ -521,7 +521,7 @@ def _tune_model(lm, layout, calib, plan: _Plan, out: Path, dev) -> dict[str, dic
         layers.update(got)
         metas.update(meta)
     report = finetune.tune_model(lm, layout.path, layers, calib.x0, calib.x_ref, calib.kwargs,
-                                 finetune.TuneConfig(epochs=plan.finetune_model_epochs), dev)
+                                 finetune.TuneConfig(epochs=plan.finetune_model_epochs), dev, progress=progress)
     blocks = lm.get_submodule(layout.path)
     results = {}
     for i in range(layout.count):
