@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,11 +158,13 @@ def main() -> None:
         if args.compile_only and i < len(args.rates) - 1:
             continue
         model = random_glq_model(config, bpw, device="cuda", dtype=torch.bfloat16)
+        fused = "-fused" if os.environ.get("GLQ_HF_FUSE", "") == "1" else ""  # q/k/v, gate/up fused (glq.hf.linear)
         if not args.compile_only:
-            measure(f"glq-{bpw}bpw", model, args, rows)
+            measure(f"glq-{bpw}bpw{fused}", model, args, rows)
             if args.unshared and i == 0:  # the same model, each layer transforming its own input
-                from glq.hf.linear import GLQLinear, link_shared_inputs
+                from glq.hf.linear import GLQLinear, link_shared_inputs, unfuse_siblings
 
+                unfuse_siblings(model)  # with GLQ_HF_FUSE=1 the model came fused: this row is fully unshared
                 for m in model.modules():
                     if isinstance(m, GLQLinear):
                         m.shared_input = None
@@ -169,7 +172,7 @@ def main() -> None:
                 link_shared_inputs(model)
         if i == len(args.rates) - 1 and not args.no_compile:  # last: compiling is slow and may fail
             try:
-                measure_compile(f"glq-{bpw}bpw", model, args, rows)
+                measure_compile(f"glq-{bpw}bpw{fused}", model, args, rows)
             except Exception as err:  # report, keep the table
                 print(f"torch.compile failed: {type(err).__name__}: {err}", flush=True)
         del model

@@ -8,15 +8,26 @@ computed in the Hadamard domain, never forming W:
 
 by ``glq.kernels.glq_linear`` (CUDA C or Triton on a GPU, decode-then-matmul reference on the
 CPU). ``dequantize()`` gives W for checks and export.
+
+Sibling layers that read one input (q/k/v, gate/up) share its input transform (:class:`SharedInput`)
+and, opt-in with ``GLQ_HF_FUSE=1``, run as one fused linear (:func:`fuse_siblings`).
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 from torch import nn
 
 from glq.hf import _kernels
 from glq.hf.config import LayerSpec, stage_bits
+
+log = logging.getLogger("glq.hf")
+
+#: Set to "1" (read by :func:`link_shared_inputs`) to fuse sibling layers' matmuls (:func:`fuse_siblings`).
+FUSE_ENV = "GLQ_HF_FUSE"
 
 
 class GLQLinear(nn.Module):
@@ -151,7 +162,12 @@ def _version(x: torch.Tensor) -> int:
 def link_shared_inputs(model: nn.Module) -> int:
     """Give sibling GLQLinear layers (children of one module) with equal input signs and blocks
     one :class:`SharedInput`; returns the number of layers linked. Layers from folders whose
-    signs differ per layer (earlier glq.quant, fine-tuned gains that differ) are left alone."""
+    signs differ per layer (earlier glq.quant, fine-tuned gains that differ) are left alone.
+
+    With ``GLQ_HF_FUSE=1`` in the environment the linked groups whose rates agree are then fused
+    (:func:`fuse_siblings`; the number fused is logged). Groups fused earlier are unfused first,
+    so the model always ends up as the variable says."""
+    unfuse_siblings(model)
     linked = 0
     for parent in model.modules():
         groups: list[list[GLQLinear]] = []
@@ -174,4 +190,222 @@ def link_shared_inputs(model: nn.Module) -> int:
                 for layer in g:
                     layer.shared_input = shared
                 linked += len(g)
+    if os.environ.get(FUSE_ENV, "") == "1":
+        log.info("glq.hf: %s=1: fused %d groups of sibling layers", FUSE_ENV, fuse_siblings(model))
     return linked
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused siblings (opt-in, GLQ_HF_FUSE=1): q/k/v as one GLQ linear, gate/up as another.
+#
+# Concatenating the layers' rows gives one layer whose output is the members' outputs side by
+# side: the input transform and signs are the group's common ones, W̃ and row_scale stack by rows,
+# and the output transform is block-diagonal over the members' joined output blocks, so each
+# member's segment is transformed exactly as it would be alone. One input transform, one matmul
+# and one output transform per group: 12 launches per Llama block instead of 21.
+
+_JOINED = "_fused_"  # prefix of the head's buffers holding the group's joined rows
+
+
+class FusedSiblings:
+    """A group of fused sibling layers. Its first layer (the head) holds the joined rows of every
+    tensor that differs per row (codes, row_scale, signs_out and their float copy, bias) as
+    ``_fused_{name}`` buffers, once; each member sees its rows as ``narrow`` views made at call
+    time, so ``model.to()``/``.cuda()``/``.half()``, which replace the head's buffers, leave
+    nothing stale behind.
+
+    The first member called with an input computes the whole group's output and keeps it; the
+    others take their columns while the input is the very same tensor, unmodified (its version
+    counter; identity alone for inference tensors), and it is let go once every member had its
+    part, as :class:`SharedInput` does.
+    """
+
+    def __init__(self, members: list[GLQLinear]):
+        head = members[0]
+        self.members, self.head = members, head
+        self.names = _joined_names(head)
+        self.rows, off = [], 0
+        for layer in members:
+            self.rows.append((off, layer.out_features))
+            off += layer.out_features
+        self.out_blocks = tuple(b for layer in members for b in layer.spec.out_blocks)
+        self.clear()
+
+    def joined(self, name: str) -> torch.Tensor:
+        return self.head._buffers[_JOINED + name]
+
+    def output(self, layer: FusedGLQLinear, x: torch.Tensor) -> torch.Tensor:
+        i = layer._fused_index
+        version = _version(x)
+        if not (x is self._x and version == self._version):
+            if self._x is not None and i not in self._taken:
+                # Siblings are still to take their part of another input: this member was called
+                # with a different tensor (or one modified in place); compute its own rows only.
+                return layer.own_output(x)
+            self._x, self._version, self._y, self._taken = x, version, self._linear(x), set()
+        self._taken.add(i)
+        y = self._y.narrow(-1, *self.rows[i])
+        if len(self._taken) == len(self.members):
+            self.clear()  # every member had its part: don't keep a prefill's activations alive
+        return y
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        codes = [self.joined(f"codes_{s}") for s in range(len(head.bits))]
+        y = _kernels.linear(x, codes, head._require_tables(), self.joined("row_scale"), head._signs_in_f,
+                            self.joined("_signs_out_f"), head.spec.in_blocks, self.out_blocks)
+        if "bias" in self.names:
+            y = y + self.joined("bias").to(y.dtype)
+        return y
+
+    def clear(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._version, self._taken = -1, set()
+
+
+class FusedGLQLinear(GLQLinear):
+    """A :class:`GLQLinear` fused with its siblings (:func:`fuse_siblings`; the class of a layer
+    is swapped while it is fused, so unfused layers run exactly the plain class's code).
+
+    Its ``codes_{s}``, ``row_scale``, ``signs_out``, ``_signs_out_f`` and ``bias`` read as views of
+    its rows in the head's joined buffers, so ``dequantize()`` and checks work unchanged; it
+    keeps its own ``signs_in`` (equal in the group). ``state_dict()`` gives each layer's tensors
+    under their own names as separate copies (what ``save_pretrained`` writes: a saved folder
+    is the unfused one).
+    """
+
+    fused: FusedSiblings
+    _fused_index: int
+
+    def __getattr__(self, name: str):
+        # Only reached for names that are not real attributes (nn.Module keeps buffers in _buffers).
+        group = self.__dict__.get("fused")
+        if group is not None and name in group.names:
+            return group.joined(name).narrow(0, *group.rows[self.__dict__["_fused_index"]])
+        return super().__getattr__(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced layer by layer: no state kept between calls
+            return self.own_output(x)
+        return self.fused.output(self, x)
+
+    def own_output(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer alone, from its rows (the plain layer's unshared computation)."""
+        y = _kernels.linear(x, self.codes, self._require_tables(), self.row_scale, self._signs_in_f,
+                            self._signs_out_f, self.spec.in_blocks, self.spec.out_blocks)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def attach(self, tables) -> GLQLinear:
+        raise RuntimeError("attach() on a fused GLQ layer: call glq.hf.linear.unfuse_siblings(model) first")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The layer's own tensors under their own names, each a separate copy: safetensors refuses
+        # tensors sharing storage, and a saved folder must not depend on whether it was fused.
+        for name in _stored_names(self):
+            t = getattr(self, name)
+            if name in self.fused.names:
+                destination[prefix + name] = t.clone()
+            else:  # signs_in, the layer's own buffer: as nn.Module gives it
+                destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Loading one member's rows could leave the group with unequal input signs, which the
+        # fused product would not notice: refuse rather than guess.
+        if any(k.startswith(prefix) for k in state_dict):
+            error_msgs.append(f"{prefix[:-1]} is fused with its siblings ({FUSE_ENV}=1); call "
+                              "glq.hf.linear.unfuse_siblings(model) before load_state_dict")
+        elif strict:
+            missing_keys.extend(prefix + name for name in _stored_names(self))
+
+    def extra_repr(self) -> str:
+        off, n = self.fused.rows[self._fused_index]
+        return super().extra_repr() + f", fused rows {off}:{off + n} of {sum(r[1] for r in self.fused.rows)}"
+
+
+def _stored_names(layer: GLQLinear) -> list[str]:
+    """The layer's persistent tensors in their registration order (the folder's names)."""
+    codes = [f"codes_{s}" for s in range(len(layer.bits))]
+    return [*codes, "row_scale", "signs_in", "signs_out", *(["bias"] if layer.spec.bias else [])]
+
+
+def _joined_names(layer: GLQLinear) -> tuple[str, ...]:
+    """The tensors with one row per output feature, which a fused group joins."""
+    codes = [f"codes_{s}" for s in range(len(layer.bits))]
+    return (*codes, "row_scale", "signs_out", "_signs_out_f", *(("bias",) if layer.bias is not None else ()))
+
+
+def _fusible(group: list[GLQLinear]) -> bool:
+    """Whether one linear can stand for the group (whose members share input signs and blocks):
+    one rate and the same tables object (one kernel call decodes every row), all or none with a
+    bias, and every joined tensor of one dtype and on the signs' device (torch.cat would cast or fail)."""
+    head = group[0]
+    if any(isinstance(layer, FusedGLQLinear) or layer.tables is None for layer in group):
+        return False
+    if sum(len(layer.spec.out_blocks) for layer in group) > 16:  # the Hadamard kernels take at most 16 blocks
+        return False
+    if any(layer.bits != head.bits or layer.tables is not head.tables or (layer.bias is None) != (head.bias is None)
+           for layer in group):
+        return False
+    device = head.signs_in.device
+    return all(getattr(layer, n).dtype == getattr(head, n).dtype and getattr(layer, n).device == device
+               for layer in group for n in (*_joined_names(head), "signs_in", "_signs_in_f"))
+
+
+@torch.no_grad()
+def fuse_siblings(model: nn.Module) -> int:
+    """Fuse every group of layers sharing a :class:`SharedInput` (see :func:`link_shared_inputs`)
+    whose members have one rate (hence one tables object), one signs dtype, one device and all or
+    none a bias; returns the number of groups fused. Other groups keep their shared input only.
+
+    The joined tensors replace the members' own (the memory held does not change, apart from the
+    moment of joining one group); see :class:`FusedSiblings` and :class:`FusedGLQLinear`.
+    """
+    fused = 0
+    for parent in model.modules():
+        groups: dict[int, list[GLQLinear]] = {}
+        for child in parent.children():
+            if isinstance(child, GLQLinear) and child.shared_input is not None:
+                groups.setdefault(id(child.shared_input), []).append(child)
+        for g in groups.values():
+            if len(g) < 2 or not _fusible(g):
+                continue
+            group = FusedSiblings(g)
+            joined = {name: torch.cat([layer._buffers[name] for layer in g]) for name in group.names}
+            for i, layer in enumerate(g):
+                for name in group.names:
+                    del layer._buffers[name]
+                    layer._non_persistent_buffers_set.discard(name)
+                layer.__class__ = FusedGLQLinear
+                layer.fused, layer._fused_index = group, i
+            for name, t in joined.items():
+                # Non-persistent: state_dict() writes the members' own tensors instead.
+                g[0].register_buffer(_JOINED + name, t, persistent=False)
+            fused += 1
+    return fused
+
+
+@torch.no_grad()
+def unfuse_siblings(model: nn.Module) -> int:
+    """Undo :func:`fuse_siblings`: every member gets its own tensors back (copies of its rows; the
+    joined ones are freed). Returns the number of groups unfused; a no-op on unfused models."""
+    groups = {id(m.fused): m.fused for m in model.modules() if isinstance(m, FusedGLQLinear)}
+    for group in groups.values():
+        parts = [{name: getattr(layer, name).clone() for name in group.names} for layer in group.members]
+        for name in group.names:
+            delattr(group.head, _JOINED + name)
+        for layer, own in zip(group.members, parts, strict=True):
+            layer.__class__ = GLQLinear
+            del layer.fused, layer._fused_index
+            for name, t in own.items():
+                layer.register_buffer(name, t, persistent=not name.startswith("_"))
+            # back to the plain layer's buffer order, so its state_dict() lists keys as before
+            order = [*_stored_names(layer), "_signs_in_f", "_signs_out_f"]
+            items = sorted(layer._buffers.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+            layer._buffers.clear()
+            layer._buffers.update(items)
+        group.clear()
+    return len(groups)

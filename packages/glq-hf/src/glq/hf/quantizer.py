@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from glq.hf import checks, guard
 from glq.hf.config import FORMAT_VERSION, GLQFormat
-from glq.hf.linear import GLQLinear, link_shared_inputs
+from glq.hf.linear import GLQLinear, link_shared_inputs, unfuse_siblings
 from glq.hf.tables import TABLES_ATTR, GLQTables
 
 QUANT_METHOD = "glq"
@@ -120,8 +120,10 @@ class GLQHfQuantizer(HfQuantizer):
 
 def attach_tables(model, fmt: GLQFormat, where: str = "model") -> None:
     """Check the loaded tables and small tensors, then give every GLQLinear its rate's shared
-    packed tables. Raises :class:`glq.hf.checks.GLQLoadError` listing the problems."""
+    packed tables, then link (and with ``GLQ_HF_FUSE=1`` fuse) sibling layers
+    (:func:`glq.hf.linear.link_shared_inputs`). Raises :class:`glq.hf.checks.GLQLoadError` listing the problems."""
     tables: GLQTables = getattr(model, TABLES_ATTR)
+    unfuse_siblings(model)  # attach() needs each layer's own tensors; link_shared_inputs fuses again
     problems = tables.check()
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, GLQLinear)}
     for name in fmt.layers:
