@@ -2,7 +2,7 @@
 # One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
 # time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
 #   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
-# Steps: hf mem kvbench decode compile kernels triton kbench ncu quality quant lattice cli (default: hf mem kvbench decode
+# Steps: hf mem kvbench decode fused compile kernels triton kbench ncu quality quant lattice cli (default: hf mem kvbench decode
 # kernels). kernels leaves out the Triton cases (they compile per configuration, minutes); triton runs
 # only those. quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
 # GGUF onto the machine). GLQ_GPU_BUDGET (seconds, default 580) caps the whole call: each step gets at
@@ -32,6 +32,8 @@ for s in "${steps[@]}"; do case $s in
   cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
   mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
   decode) step decode 240 python3 packages/glq-hf/benchmarks/bench_decode.py --no-compile --unshared --json "$out/decode.json" ;;
+  fused) step fused 150 env GLQ_HF_FUSE=1 python3 packages/glq-hf/benchmarks/bench_decode.py --no-bf16 --no-compile \
+        --rates 2 4 --json "$out/decode_fused.json" ;;
   compile) step compile 400 python3 packages/glq-hf/benchmarks/bench_decode.py --compile-only --rates 2 \
         --json "$out/compile.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;
