@@ -387,8 +387,8 @@ def quantize_with_model(model: str, output_dir, bpw: float = 2, nsamples: int = 
         if not plan.model_epochs_auto:
             raise ValueError(f"finetune_model_epochs={plan.finetune_model_epochs}: {problem}; use finetune_epochs "
                              "(block by block) instead, or finetune_model_epochs=0")
-        warnings.warn(f"whole-model tuning is off for this run: {problem} (block fine-tuning still runs)",
-                      stacklevel=2)
+        still = " (block fine-tuning still runs)" if plan.finetune_epochs else ""
+        warnings.warn(f"whole-model tuning is off for this run: {problem}{still}", stacklevel=2)
         plan = replace(plan, finetune_model_epochs=0)
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
 
