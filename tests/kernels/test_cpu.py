@@ -497,3 +497,20 @@ def test_batched_kernel_is_opt_in(monkeypatch):
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
     assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
     assert variants(5, 16) == [1]  # not instantiated past rate 4
+
+
+def test_glq_linear_rotated_is_glq_linear_after_the_input_transform():
+    """An input transformed once and handed to glq_linear_rotated gives glq_linear's output bit for
+    bit (glq.hf shares one input transform among q/k/v this way); the op takes an empty in_blocks."""
+    from glq.kernels import glq_linear_rotated
+
+    codes, tables, row_scale = random_layer(3, 48, 96, seed=3)
+    g = torch.Generator().manual_seed(1)
+    s_in, s_out = (torch.randint(0, 2, (n,), generator=g).float() * 2 - 1 for n in (96, 48))
+    x = torch.randn(2, 5, 96, generator=g)
+    xt = hadamard(x, None, s_in)
+    y = glq_linear_rotated(xt, codes, tables, row_scale, s_out)
+    assert y.shape == (2, 5, 48) and torch.equal(y, glq_linear(x, codes, tables, row_scale, s_in, s_out))
+    args = (xt.reshape(10, 96), list(codes), tables.table(torch.float32, "cpu"), row_scale, list(tables.bits),
+            float(tables.gain), [], None, [32, 16], s_out)
+    torch.library.opcheck(torch.ops.glq.linear, args)

@@ -31,10 +31,9 @@ def linear_rotated(xt: torch.Tensor, codes: Sequence[torch.Tensor], tables, row_
                    signs_out: torch.Tensor, out_blocks: Sequence[int]) -> torch.Tensor:
     """``linear`` from an input already rotated, xt = H_in(signs_in ⊙ x): the same ops in the
     same order, so the result equals ``linear(x, ...)`` bit for bit."""
-    from glq.kernels import hadamard as _hadamard
-    from glq.kernels import matmul
+    from glq.kernels import glq_linear_rotated
 
-    return _hadamard(matmul(xt, codes, tables, row_scale), out_blocks, None, signs_out)
+    return glq_linear_rotated(xt, codes, tables, row_scale, signs_out, out_blocks)
 
 
 def dequantize_rotated(codes: Sequence[torch.Tensor], tables, row_scale: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ _LAZY = {
     "dequantize": "api",
     "glq_linear": "api",
     "glq_linear_reference": "api",
+    "glq_linear_rotated": "api",
     "default_blocks": "api",
     "pack_tables": "_tables",
     "PackedTables": "_tables",

@@ -208,6 +208,37 @@ def glq_linear(
     return y.reshape(*lead, n_out)
 
 
+def glq_linear_rotated(
+    xt: Tensor,
+    codes: Sequence[Tensor],
+    tables: PackedTables,
+    row_scale: Tensor,
+    out_signs: Tensor | None = None,
+    out_blocks: Sequence[int] | None = None,
+) -> Tensor:
+    """:func:`glq_linear` from an input already transformed, ``xt = hadamard(x, in_blocks,
+    in_signs)`` (one transform serving several layers that read the same x):
+    y = out_signs ⊙ H_out(W̃ · xt). The same ops in the same order as :func:`glq_linear`, so the
+    result is bit-identical to ``glq_linear(x, ...)``; one custom-op call.
+
+    Args:
+        xt: (..., in) float16 or bfloat16 (any float dtype on the CPU), already transformed.
+        codes, tables, row_scale: as for :func:`matmul`; out_signs, out_blocks: as for :func:`glq_linear`.
+
+    Returns:
+        (..., out) in xt's dtype.
+    """
+    codes, table, row_scale = _kernel_args(xt, codes, tables, row_scale)
+    n_in, n_out = xt.shape[-1], codes[0].shape[0]
+    ob = _check_blocks(n_out, out_blocks)
+    out_signs = _check_signs(out_signs, n_out, xt)
+    lead = xt.shape[:-1]
+    y = ops.linear_op(
+        xt.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), [], None, ob, out_signs
+    )
+    return y.reshape(*lead, n_out)
+
+
 def glq_linear_reference(
     x: Tensor,
     codes: Sequence[Tensor],
@@ -234,6 +265,7 @@ __all__ = [
     "dequantize",
     "glq_linear",
     "glq_linear_reference",
+    "glq_linear_rotated",
     "hadamard",
     "matmul",
 ]
