@@ -514,3 +514,11 @@ def test_glq_linear_rotated_is_glq_linear_after_the_input_transform():
     args = (xt.reshape(10, 96), list(codes), tables.table(torch.float32, "cpu"), row_scale, list(tables.bits),
             float(tables.gain), [], None, [32, 16], s_out)
     torch.library.opcheck(torch.ops.glq.linear, args)
+    # check=False (glq.hf, arguments validated at load) computes the same; buffers cast by a
+    # model's .half() (row scale, float signs) are widened back to float32 as the checks would
+    full = glq_linear(x, codes, tables, row_scale, s_in, s_out, (64, 32), (32, 16))
+    assert torch.equal(glq_linear(x, codes, tables, row_scale, s_in, s_out, (64, 32), (32, 16), check=False), full)
+    assert torch.equal(glq_linear_rotated(xt, codes, tables, row_scale, s_out, (32, 16), check=False), full)
+    half = glq_linear(x, codes, tables, row_scale.half(), s_in.half(), s_out.half(), (64, 32), (32, 16))
+    assert torch.equal(glq_linear(x, codes, tables, row_scale.half(), s_in.half(), s_out.half(), (64, 32), (32, 16),
+                                  check=False), half)

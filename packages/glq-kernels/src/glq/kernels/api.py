@@ -125,6 +125,10 @@ def _check_blocks(n: int, block_sizes: Sequence[int] | None) -> list[int]:
     return blocks
 
 
+def _as_f32(t: Tensor | None) -> Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
 def _check_signs(s: Tensor | None, n: int, x: Tensor) -> Tensor | None:
     if s is None:
         return None
@@ -174,6 +178,8 @@ def glq_linear(
     out_signs: Tensor | None = None,
     in_blocks: Sequence[int] | None = None,
     out_blocks: Sequence[int] | None = None,
+    *,
+    check: bool = True,
 ) -> Tensor:
     """The GLQ linear layer: y = out_signs ⊙ H_out(W̃ · H_in(in_signs ⊙ x)).
 
@@ -182,16 +188,24 @@ def glq_linear(
         codes, tables, row_scale: as for :func:`matmul`.
         in_signs: optional (in,) ±1; out_signs: optional (out,) ±1.
         in_blocks / out_blocks: Hadamard blocks (default: binary expansion of the size).
+        check: validate every argument (default). ``False`` is for callers that validated the
+            layer's tensors once (glq.hf checks them at load): it skips the checks that cost ~25 us
+            of host time per call; inconsistent arguments then fail inside the kernels, or worse.
 
     Returns:
         (..., out) in x's dtype.
     """
-    codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
     n_in, n_out = x.shape[-1], codes[0].shape[0]
-    ib = _check_blocks(n_in, in_blocks)
-    ob = _check_blocks(n_out, out_blocks)
-    in_signs = _check_signs(in_signs, n_in, x)
-    out_signs = _check_signs(out_signs, n_out, x)
+    if check:
+        codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
+        ib = _check_blocks(n_in, in_blocks)
+        ob = _check_blocks(n_out, out_blocks)
+        in_signs = _check_signs(in_signs, n_in, x)
+        out_signs = _check_signs(out_signs, n_out, x)
+    else:
+        codes, table, ib, ob = list(codes), tables.table(_table_dtype(x), x.device), list(in_blocks), list(out_blocks)
+        # float32 is what the kernels read; a model cast with .half() casts these buffers too
+        row_scale, in_signs, out_signs = (_as_f32(t) for t in (row_scale, in_signs, out_signs))
     lead = x.shape[:-1]
     y = ops.linear_op(
         x.reshape(-1, n_in),
@@ -215,6 +229,8 @@ def glq_linear_rotated(
     row_scale: Tensor,
     out_signs: Tensor | None = None,
     out_blocks: Sequence[int] | None = None,
+    *,
+    check: bool = True,
 ) -> Tensor:
     """:func:`glq_linear` from an input already transformed, ``xt = hadamard(x, in_blocks,
     in_signs)`` (one transform serving several layers that read the same x):
@@ -223,15 +239,20 @@ def glq_linear_rotated(
 
     Args:
         xt: (..., in) float16 or bfloat16 (any float dtype on the CPU), already transformed.
-        codes, tables, row_scale: as for :func:`matmul`; out_signs, out_blocks: as for :func:`glq_linear`.
+        codes, tables, row_scale: as for :func:`matmul`; out_signs, out_blocks, check: as for
+            :func:`glq_linear`.
 
     Returns:
         (..., out) in xt's dtype.
     """
-    codes, table, row_scale = _kernel_args(xt, codes, tables, row_scale)
     n_in, n_out = xt.shape[-1], codes[0].shape[0]
-    ob = _check_blocks(n_out, out_blocks)
-    out_signs = _check_signs(out_signs, n_out, xt)
+    if check:
+        codes, table, row_scale = _kernel_args(xt, codes, tables, row_scale)
+        ob = _check_blocks(n_out, out_blocks)
+        out_signs = _check_signs(out_signs, n_out, xt)
+    else:
+        codes, table, ob = list(codes), tables.table(_table_dtype(xt), xt.device), list(out_blocks)
+        row_scale, out_signs = _as_f32(row_scale), _as_f32(out_signs)
     lead = xt.shape[:-1]
     y = ops.linear_op(
         xt.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), [], None, ob, out_signs
