@@ -195,31 +195,7 @@ def glq_linear(
     Returns:
         (..., out) in x's dtype.
     """
-    n_in, n_out = x.shape[-1], codes[0].shape[0]
-    if check:
-        codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
-        ib = _check_blocks(n_in, in_blocks)
-        ob = _check_blocks(n_out, out_blocks)
-        in_signs = _check_signs(in_signs, n_in, x)
-        out_signs = _check_signs(out_signs, n_out, x)
-    else:
-        codes, table, ib, ob = list(codes), tables.table(_table_dtype(x), x.device), list(in_blocks), list(out_blocks)
-        # float32 is what the kernels read; a model cast with .half() casts these buffers too
-        row_scale, in_signs, out_signs = (_as_f32(t) for t in (row_scale, in_signs, out_signs))
-    lead = x.shape[:-1]
-    y = ops.linear_op(
-        x.reshape(-1, n_in),
-        codes,
-        table,
-        row_scale,
-        list(tables.bits),
-        float(tables.gain),
-        ib,
-        in_signs,
-        ob,
-        out_signs,
-    )
-    return y.reshape(*lead, n_out)
+    return _linear(x, codes, tables, row_scale, in_signs, out_signs, in_blocks, out_blocks, check, rotated=False)
 
 
 def glq_linear_rotated(
@@ -245,18 +221,27 @@ def glq_linear_rotated(
     Returns:
         (..., out) in xt's dtype.
     """
-    n_in, n_out = xt.shape[-1], codes[0].shape[0]
+    return _linear(xt, codes, tables, row_scale, None, out_signs, None, out_blocks, check, rotated=True)
+
+
+def _linear(x, codes, tables, row_scale, in_signs, out_signs, in_blocks, out_blocks, check: bool, rotated: bool):
+    """glq_linear and glq_linear_rotated: one ``glq::linear`` call (empty in_blocks: x rotated)."""
+    n_in, n_out = x.shape[-1], codes[0].shape[0]
     if check:
-        codes, table, row_scale = _kernel_args(xt, codes, tables, row_scale)
+        codes, table, row_scale = _kernel_args(x, codes, tables, row_scale)
+        ib = [] if rotated else _check_blocks(n_in, in_blocks)
         ob = _check_blocks(n_out, out_blocks)
-        out_signs = _check_signs(out_signs, n_out, xt)
+        in_signs = _check_signs(in_signs, n_in, x)
+        out_signs = _check_signs(out_signs, n_out, x)
     else:
-        codes, table, ob = list(codes), tables.table(_table_dtype(xt), xt.device), list(out_blocks)
-        row_scale, out_signs = _as_f32(row_scale), _as_f32(out_signs)
-    lead = xt.shape[:-1]
-    y = ops.linear_op(
-        xt.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), [], None, ob, out_signs
-    )
+        codes, table = list(codes), tables.table(_table_dtype(x), x.device)
+        ib = [] if rotated else list(default_blocks(n_in) if in_blocks is None else in_blocks)
+        ob = list(default_blocks(n_out) if out_blocks is None else out_blocks)
+        # float32 is what the kernels read; a model cast with .half() casts these buffers too
+        row_scale, in_signs, out_signs = (_as_f32(t) for t in (row_scale, in_signs, out_signs))
+    lead = x.shape[:-1]
+    y = ops.linear_op(x.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), ib,
+                      in_signs, ob, out_signs)
     return y.reshape(*lead, n_out)
 
 
