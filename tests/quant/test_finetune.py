@@ -112,6 +112,8 @@ def test_model_tuning_lowers_the_held_out_kl_and_loads(model_tuned, tiny_llama_p
     assert len(reports) == 1  # one record for the whole model
     rep = json.loads(reports.pop())
     assert rep["loss"] == "kl" and rep["steps"] == 3 * 7 and rep["epochs"] == 3  # 8 sequences, 1 held out
+    assert summary["finetune_model_epochs"] == 3
+    assert summary["model_tuning_held_out_kl"] == f"{rep['loss_before']:.4g} -> {rep['loss_after']:.4g}"
     # The random tiny model's next-token distribution is nearly flat (KL ~1e-3) and 7 sequences of 32
     # tokens overfit, so here the held-out loss may not improve; then nothing may change (the
     # damaged-norm test below shows the tuning itself working).
@@ -245,6 +247,7 @@ def test_model_tuning_is_on_by_default_and_off_where_it_cannot_fit(tiny_llama_pa
     with pytest.warns(UserWarning, match="whole-model tuning is off for this run: it needs"):
         summary = quantize(str(tiny_llama_path), tmp_path / "c", bpw=2, finetune_epochs=0, **TINY)
     assert all("finetune_model" not in v for v in summary["layers"].values())
+    assert summary["finetune_model_epochs"] == 0 and "model_tuning_held_out_kl" not in summary
     # streaming keeps one block in memory: the default leaves whole-model tuning out, silently
     summary = quantize(str(tiny_llama_path), tmp_path / "d", bpw=2, finetune_epochs=0, streaming=True, **TINY)
     assert all("finetune_model" not in v for v in summary["layers"].values())

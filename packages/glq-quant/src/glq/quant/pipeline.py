@@ -489,6 +489,15 @@ def _read_layers(path: Path, prefix: str) -> tuple[dict[str, QuantizedLayer], di
     return layers, meta
 
 
+def _model_tuning_line(results: dict) -> dict:
+    """The whole-model tuning's held-out KL before -> after, as one summary line (CLI prints it)."""
+    rep = next((r["finetune_model"] for r in results.values() if isinstance(r, dict) and "finetune_model" in r),
+               None)
+    if rep is None:
+        return {}
+    return {f"model_tuning_held_out_{rep['loss']}": f"{rep['loss_before']:.4g} -> {rep['loss_after']:.4g}"}
+
+
 def _model_tuning_memory_problem(n_weights: int, dev: torch.device) -> str | None:
     """Why whole-model tuning cannot run here, or None: its dense float32 copies of the quantized
     weights alone would take more than 90% of the GPU (or, on the CPU, half of the host's memory,
@@ -657,6 +666,9 @@ def _write_folder(out: Path, lm, tok, layout, results, plan: _Plan, layer_sizes,
         "bf16_bytes": 2 * total_weights,
         "mean_relative_proxy_loss": sum(r["relative_loss"] if isinstance(r, dict) else r.relative_loss
                                         for r in results.values()) / len(results),
+        "finetune_epochs": plan.finetune_epochs,
+        "finetune_model_epochs": plan.finetune_model_epochs,  # as run: 0 where the default turned it off
+        **_model_tuning_line(results),
         "seconds": round(seconds, 1),
         "device": device,
         "streaming": streaming,
