@@ -87,3 +87,20 @@ def _tiny_tokenizer(vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train([str(CALIBRATION_FILES["c4"])], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def _folder_tensors(folder) -> dict:
+    """Every tensor of a safetensors folder, by key."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                out[k] = st.get_tensor(k)
+    return out
+
+
+@pytest.fixture
+def folder_tensors():
+    return _folder_tensors

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from glq.hf import _kernels
 from glq.hf.linear import FUSE_ENV, FusedGLQLinear, GLQLinear, fuse_siblings, link_shared_inputs, unfuse_siblings
@@ -78,15 +77,6 @@ def _nbytes(tensors) -> int:
 def _persistent_buffers(model) -> list[torch.Tensor]:
     return [b for m in model.modules() for n, b in m._buffers.items()
             if b is not None and n not in m._non_persistent_buffers_set]
-
-
-def _file_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def test_fused_logits_match_with_one_linear_per_group(config, monkeypatch):
@@ -164,7 +154,7 @@ def test_fusing_holds_no_extra_memory(config, monkeypatch):
     assert len(ptrs) == len(set(ptrs))  # what safetensors needs: no two tensors share storage
 
 
-def test_fused_model_saves_the_unfused_folder_and_loads_again(make_folder, tmp_path, monkeypatch):
+def test_fused_model_saves_the_unfused_folder_and_loads_again(make_folder, tmp_path, monkeypatch, folder_tensors):
     """(c) from_pretrained fuses with the variable set; save_pretrained writes the folder's own
     per-layer tensors (names, shapes, dtypes, values; the same bytes as an unfused model saves);
     the saved folder loads fused and unfused to the same logits."""
@@ -174,7 +164,7 @@ def test_fused_model_saves_the_unfused_folder_and_loads_again(make_folder, tmp_p
     assert isinstance(model.model.layers[0].self_attn.k_proj, FusedGLQLinear)
     want = _logits(model)
     model.save_pretrained(tmp_path / "saved")
-    stored, saved = _file_tensors(src), _file_tensors(tmp_path / "saved")
+    stored, saved = folder_tensors(src), folder_tensors(tmp_path / "saved")
     assert saved.keys() == stored.keys()
     for k, t in stored.items():
         assert saved[k].dtype == t.dtype and saved[k].shape == t.shape, k

@@ -5,36 +5,17 @@ from __future__ import annotations
 import pytest
 
 
-def _folder_tensors(folder) -> dict:
-    """Every tensor of a safetensors folder, by key."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[k] = st.get_tensor(k)
-    return out
-
-
 @pytest.fixture
-def folder_tensors():
-    return _folder_tensors
-
-
-def _assert_same_folder(a, b) -> None:
+def assert_same_folder(folder_tensors):
     """Two GLQ folders hold the same tensors, bit for bit."""
     import torch
 
-    ta, tb = _folder_tensors(a), _folder_tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in tb:
-        assert torch.equal(ta[k], tb[k]), k
-
-
-@pytest.fixture
-def assert_same_folder():
-    return _assert_same_folder
+    def check(a, b) -> None:
+        ta, tb = folder_tensors(a), folder_tensors(b)
+        assert ta.keys() == tb.keys()
+        for k in tb:
+            assert torch.equal(ta[k], tb[k]), k
+    return check
 
 
 @pytest.fixture
