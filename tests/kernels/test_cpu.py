@@ -396,7 +396,8 @@ def test_large_batches_take_the_dense_path(monkeypatch):
     monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
     monkeypatch.setattr(ops, "_cuda_dequantize", fake.dequantize)
     monkeypatch.delenv("GLQ_KERNELS_GEMV", raising=False)
-    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "1")  # the CUDA dequantize kernel (opt-in for now)
+    monkeypatch.delenv("GLQ_KERNELS_DEQUANT", raising=False)  # the default: dense on the CUDA backend
+    monkeypatch.delenv("GLQ_KERNELS_BATCHED", raising=False)
     thr = ops.DENSE_BATCH_THRESHOLD
     assert thr == 64  # first guess; retune from the benchmark's "dense us" column
     codes, tables, row_scale = random_layer(3, 24, 64, seed=4)
@@ -411,7 +412,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
         return x, y, [c[:3] for c in fake.calls]
 
     assert run(1, torch.bfloat16)[2] == [("fused", 1, 0)]  # small-batch kernel (auto)
-    assert run(thr, torch.bfloat16)[2] == [("fused", 64, 1)]  # MMA kernel, one launch
+    assert run(thr, torch.bfloat16)[2] == [("fused", 64, 3)]  # batched kernel, one launch
     for b in (thr + 1, 200, 2048):
         x, y, calls = run(b, torch.float32)
         assert calls == [("dense", torch.float32, torch.bfloat16)], (b, calls)
@@ -422,12 +423,18 @@ def test_large_batches_take_the_dense_path(monkeypatch):
     # the threshold is read at call time (a tuned value, or the benchmark, can move it)
     monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", 256)
     assert [c[:2] for c in run(200, torch.float16, torch.float16)[2]] == [("fused", 64)] * 3 + [("fused", 8)]
-    # without the opt-in, large batches stay on the fused kernel in chunks of 64 rows (a decode by
-    # torch ops on the GPU was 7.5x slower than that)
+    # GLQ_KERNELS_DEQUANT=0: large batches stay on the fused kernels in chunks of 64 rows
     monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", thr)
+    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "0")
+    assert not ops.uses_dense_path(thr + 1, "cuda")
+    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 0)]
+    # the Triton backend has no decode kernel (torch ops decoding were 7.5x slower than the chunked
+    # kernel on a GPU): dense only when forced with GLQ_KERNELS_DEQUANT=1
     monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
-    assert not ops.uses_dense_path(thr + 1)
-    assert [c[:2] for c in run(thr + 1, torch.float16, torch.float16)[2]] == [("fused", 64), ("fused", 1)]
+    assert ops.uses_dense_path(thr + 1, "cuda") and not ops.uses_dense_path(thr + 1, "triton")
+    assert not ops.uses_dense_path(thr, "cuda")
+    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "1")
+    assert ops.uses_dense_path(thr + 1, "triton")
 
 
 def test_public_api_hands_float32_tables_to_the_dense_path(monkeypatch):
@@ -437,8 +444,8 @@ def test_public_api_hands_float32_tables_to_the_dense_path(monkeypatch):
 
     from glq.kernels import api, ops
 
-    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "1")
-
+    monkeypatch.delenv("GLQ_KERNELS_DEQUANT", raising=False)
+    monkeypatch.setattr(ops, "select_backend", lambda d: "cuda" if torch.device(d).type == "cuda" else "reference")
     thr = ops.DENSE_BATCH_THRESHOLD
 
     def fake_x(*shape, device="cuda"):
@@ -448,6 +455,11 @@ def test_public_api_hands_float32_tables_to_the_dense_path(monkeypatch):
     assert api._table_dtype(fake_x(thr, 32)) == torch.float16
     assert api._table_dtype(fake_x(5, thr // 5 + 1, 32)) == torch.float32
     assert api._table_dtype(fake_x(2, 3, 32, device="cpu")) == torch.float32
+    monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "0")  # no dense path: x's dtype at every batch
+    assert api._table_dtype(fake_x(5, thr // 5 + 1, 32)) == torch.float16
+    monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
+    monkeypatch.setattr(ops, "select_backend", lambda device: "triton")  # chunked Triton kernel
+    assert api._table_dtype(fake_x(5, thr // 5 + 1, 32)) == torch.float16
 
 
 def test_triton_backend_dense_path_uses_torch(monkeypatch):
@@ -474,9 +486,9 @@ def test_dequantize_op_passes_opcheck():
         assert torch.equal(w, dequantize(codes, tables, row_scale).to(dtype))
 
 
-def test_batched_kernel_is_opt_in(monkeypatch):
-    """GLQ_KERNELS_BATCHED=1 sends batches 9..64 at rates 2..4 to the batched kernel (variant 3);
-    without it, or at other rates, the MMA kernel (variant 1) runs as before."""
+def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
+    """Batches 9..64 at rates 2..4 go to the batched kernel (variant 3); with GLQ_KERNELS_BATCHED=0,
+    or at other rates, the MMA kernel (variant 1) runs them."""
     from glq.kernels import ops
 
     fake = _FakeCuda()
@@ -491,9 +503,9 @@ def test_batched_kernel_is_opt_in(monkeypatch):
                       list(tables.bits), tables.gain)
         return [c[2] for c in fake.calls]
 
-    monkeypatch.delenv("GLQ_KERNELS_BATCHED", raising=False)
+    monkeypatch.setenv("GLQ_KERNELS_BATCHED", "0")
     assert variants(2, 16) == [1]
-    monkeypatch.setenv("GLQ_KERNELS_BATCHED", "1")
+    monkeypatch.delenv("GLQ_KERNELS_BATCHED")
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
     assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
     assert variants(5, 16) == [1]  # not instantiated past rate 4

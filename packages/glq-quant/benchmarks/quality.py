@@ -79,6 +79,7 @@ def main() -> None:
                 **res, "delta_all": res["ppl_all"] / base["ppl_all"] - 1, "seconds": round(seconds, 1),
                 "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 "tune_iters": args.tune_iters,
+                **{k: v for k, v in summary.items() if k.startswith("model_tuning_held_out")},
             })
             print(json.dumps(rows[-1]), flush=True)
     print("| model | bpw (codes) | bpw (with scales, signs) | ppl (40) | ppl (all) | Δ (all) | time |")

@@ -43,7 +43,7 @@ def _check_devices(x: Tensor, *others: Tensor | None) -> None:
 def _table_dtype(x: Tensor) -> torch.dtype:
     """The fused kernels read tables in x's dtype; the CPU reference and the dense path of large
     batches (exact float32 decode, rounded once to x's dtype) take them in float32."""
-    if x.device.type == "cuda" and not ops.uses_dense_path(math.prod(x.shape[:-1])):
+    if x.device.type == "cuda" and not ops.uses_dense_path(math.prod(x.shape[:-1]), ops.select_backend(x.device)):
         return x.dtype
     return torch.float32
 
@@ -65,12 +65,13 @@ def _kernel_args(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_s
 
 
 def matmul(x: Tensor, codes: Sequence[Tensor], tables: PackedTables, row_scale: Tensor) -> Tensor:
-    """Fused GLQ matmul: y = x · W̃ᵀ, decoding W̃ from its codes on the fly (never materialised on
-    CUDA; larger batches run the fused kernel 64 rows at a time). Equivalent to
-    ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32 accumulation. With
-    ``GLQ_KERNELS_DEQUANT=1`` batches of more than ``ops.DENSE_BATCH_THRESHOLD`` rows (prefill)
-    decode W̃ once into a transient tensor in x's dtype (the float32 decode rounded once) and call
-    cuBLAS instead, which needs out x in elements of extra memory during the call.
+    """Fused GLQ matmul: y = x · W̃ᵀ, decoding W̃ from its codes on the fly (never materialised for
+    batches of up to 64 rows on CUDA). Equivalent to
+    ``F.linear(x, dequantize(codes, tables, row_scale))`` with fp32 accumulation. On the CUDA
+    backend batches of more than ``ops.DENSE_BATCH_THRESHOLD`` rows (prefill) decode W̃ once into a
+    transient tensor in x's dtype (the float32 decode rounded once) and call cuBLAS instead, which
+    needs out x in elements of extra memory during the call (``GLQ_KERNELS_DEQUANT=0`` turns that
+    off, ``=1`` forces it on the Triton backend too).
 
     Args:
         x: (..., in) float16 or bfloat16 (any float dtype on the CPU).

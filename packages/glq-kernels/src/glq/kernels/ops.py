@@ -2,9 +2,10 @@
 implementations, so they trace under ``torch.compile`` and capture in CUDA graphs. Each op's
 implementation asks :func:`select_backend` which backend runs it.
 
-Batches above :data:`DENSE_BATCH_THRESHOLD` rows (prefill) can take the dense path instead of the
-fused kernels (opt-in, ``GLQ_KERNELS_DEQUANT=1``): W̃ is decoded once into a transient tensor in x's
-dtype and multiplied with cuBLAS (``F.linear``), then freed.
+Batches above :data:`DENSE_BATCH_THRESHOLD` rows (prefill) take the dense path instead of the fused
+kernels on the CUDA backend (``GLQ_KERNELS_DEQUANT=0`` turns it off, ``=1`` forces it on every
+backend): W̃ is decoded once into a transient tensor in x's dtype and multiplied with cuBLAS
+(``F.linear``), then freed.
 
 These take already-validated, 2-D inputs; the documented entry points with checks and shape
 handling are :func:`glq.kernels.matmul`, :func:`glq.kernels.hadamard` and
@@ -26,18 +27,18 @@ from .qmatmul.reference import dequantize_reference, matmul_reference
 
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
 MAX_KERNEL_BATCH = 64
-# Batches of more rows than this decode W̃ once and call cuBLAS, when the CUDA decode kernel is
-# on (GLQ_KERNELS_DEQUANT=1). The fused MMA kernel decodes W̃ again for every 64 rows: 193 us at
-# batch 64 on 4096x14336 (H200) where one CUDA decode pass takes 40 us and bf16 cuBLAS 38, so the
-# dense path takes 78 (BENCHMARKS.md). With torch ops doing the decode instead the dense path took
-# 5.9 ms at batch 256 (7.5x the chunked MMA kernel), so without the kernel large batches stay on
-# the chunked fused kernels. Opt-in until the kernel's GPU tests have run.
+# Batches of more rows than this decode W̃ once with the CUDA decode kernel and call cuBLAS. The
+# fused MMA kernel decodes W̃ again for every 64 rows: at 2 bpw on 4096x14336 (H200) batch 256 took
+# 778 us that way against 88 for the dense path, batch 2048 6.2 ms against 373 (bf16 49 / 293;
+# BENCHMARKS.md). With torch ops doing the decode the dense path took 5.9 ms at batch 256, so the
+# Triton backend (no decode kernel) keeps the chunked fused kernel unless GLQ_KERNELS_DEQUANT=1.
+# GLQ_KERNELS_DEQUANT=0 keeps every batch on the fused kernels.
 DENSE_BATCH_THRESHOLD = 64
 GEMV_ENV = "GLQ_KERNELS_GEMV"
 DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
-# GLQ_KERNELS_BATCHED=1: batches 9..64 at rates 2..4 take the register-tiled batched kernel (v5,
-# variant 3): 28 us at batch 16 on 4096x14336 against 55 for the MMA kernel (H200, benchmark
-# errors in line). Opt-in until its own GPU test (awkward shapes, determinism) has run.
+# Batches 9..64 at rates 2..4 take the register-tiled batched kernel (v5, variant 3): at 2 bpw on
+# 4096x14336 (H200) 27.9 us at batch 16 against 54.7 for the MMA kernel, 86.6 against 193 at batch
+# 64, errors equal to the MMA kernel's (BENCHMARKS.md). GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
@@ -48,12 +49,16 @@ def _rate(bits: list[int]) -> int:
     return sum(bits) // 8
 
 
-def uses_dense_path(batch: int) -> bool:
-    """Whether a matmul of ``batch`` rows decodes W̃ densely and calls cuBLAS (all backends but the
-    reference, which is dense anyway): more than DENSE_BATCH_THRESHOLD rows, with the CUDA decode
-    kernel turned on (GLQ_KERNELS_DEQUANT=1). The public API also uses it to hand the ops float32
-    tables for such batches, so the decode is exact before its one rounding to x's dtype."""
-    return batch > DENSE_BATCH_THRESHOLD and os.environ.get(DEQUANT_ENV, "") == "1"
+def uses_dense_path(batch: int, backend: str = "cuda") -> bool:
+    """Whether a matmul of ``batch`` rows on ``backend`` decodes W̃ densely and calls cuBLAS (the
+    reference is dense anyway): more than DENSE_BATCH_THRESHOLD rows on the CUDA backend unless
+    GLQ_KERNELS_DEQUANT=0, on any backend with GLQ_KERNELS_DEQUANT=1. The public API also uses it to
+    hand the ops float32 tables for such batches, so the decode is exact before its one rounding to
+    x's dtype."""
+    if batch <= DENSE_BATCH_THRESHOLD:
+        return False
+    flag = os.environ.get(DEQUANT_ENV, "")
+    return flag == "1" or (flag != "0" and backend == "cuda")
 
 
 # The CUDA extension's ops, behind module-level names so CPU tests can stand in for them.
@@ -69,15 +74,14 @@ def _dequantize_impl(
     backend: str, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype
 ) -> Tensor:
     """Dense W̃ (out, in) in ``dtype``: the float32 reference decode rounded once to ``dtype``."""
-    if backend == "cuda" and os.environ.get(DEQUANT_ENV, "") == "1":
+    if backend == "cuda" and os.environ.get(DEQUANT_ENV, "") != "0":
         # The kernel decodes from float32 tables; tables already rounded to fp16/bf16 (a direct op
         # call at a large batch) are widened exactly, and then carry that one extra rounding.
         if tables.dtype != torch.float32:
             tables = tables.to(torch.float32)
         return _cuda_dequantize(codes, tables.contiguous(), row_scale, _rate(bits), gain, dtype)
-    # Torch ops everywhere else: the Triton backend has no dequantize kernel, and on CUDA the
-    # kernel above has not passed its GPU tests yet (opt in with GLQ_KERNELS_DEQUANT=1). Same
-    # float32 numbers either way; torch takes ~20 passes where the kernel takes one (100x slower).
+    # Torch ops elsewhere (the Triton backend has no dequantize kernel; GLQ_KERNELS_DEQUANT=0 on
+    # CUDA): the same float32 numbers, in ~20 passes where the kernel takes one (100x slower).
     return dequantize_reference(codes, tables, row_scale, bits, gain).to(dtype)
 
 
@@ -115,7 +119,7 @@ def _matmul_impl(
     backend = select_backend(x.device)
     if backend == "reference":
         return matmul_reference(x, codes, tables, row_scale, bits, gain)
-    if uses_dense_path(x.shape[0]):
+    if uses_dense_path(x.shape[0], backend):
         # prefill: decode once, cuBLAS for the product; the transient W̃ is freed on return
         w = _dequantize_impl(backend, codes, tables, row_scale, bits, gain, x.dtype)
         return F.linear(x, w)
@@ -128,7 +132,7 @@ def _matmul_impl(
         # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) everywhere.
         variant = 1 if os.environ.get(GEMV_ENV, "") == "0" else 0
-        batched = os.environ.get(BATCHED_ENV, "") == "1" and rate in BATCHED_RATES
+        batched = os.environ.get(BATCHED_ENV, "") != "0" and rate in BATCHED_RATES
 
         def run(xb: Tensor) -> Tensor:
             if variant == 0 and xb.shape[0] <= 8 and not _gemv_failed:

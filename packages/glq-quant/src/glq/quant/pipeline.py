@@ -336,7 +336,7 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
         finetune_model_epochs: passes of whole-model fine-tuning after the last block (the same
             parameters, every block at once, against the unquantized model's next-token
             distribution); needs the model in memory (not with ``streaming``); 0 = off. By default
-            (None) ``DEFAULT_FINETUNE_MODEL_EPOCHS`` (2), turned off with a warning where its float32
+            (None) ``DEFAULT_FINETUNE_MODEL_EPOCHS`` (4), turned off with a warning where its float32
             copies of the quantized weights (4 bytes per weight) would not fit the device, and off
             with ``streaming``; a number given explicitly is refused up front where it cannot fit.
         dataset: calibration text: a shipped name ("wikipedia", "c4"), a text file, or a hub dataset.
