@@ -2,9 +2,9 @@
 # One GPU call that runs every CUDA test suite and the inference benchmarks, each step under its own
 # time limit so one hang cannot eat the others, logs under $OUT (or ./out). Usage (device machine):
 #   scripts/gpu_run.sh bash scripts/gpu_checks.sh [step ...]
-# Steps: hf mem kvbench decode fused compile kernels triton kbench ncu quality quant lattice cli (default: hf mem kvbench decode
-# kernels). kernels leaves out the Triton cases (they compile per configuration, minutes); triton runs
-# only those. quality needs GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
+# Steps: hf mem kvbench decode fused compile kernels triton kbench ncu block quality quant lattice cli (default: hf mem
+# kvbench decode kernels). kernels leaves out the Triton cases (they compile per configuration, minutes); triton runs
+# only those. block (8B-shaped block quantization time) and quality need GLQ_SMOLLM2_GGUF (see BENCHMARKS.md for getting the
 # GGUF onto the machine). GLQ_GPU_BUDGET (seconds, default 580) caps the whole call: each step gets at
 # most what is left, so the device's per-call limit never cuts a step off without its log.
 set -uo pipefail
@@ -41,6 +41,7 @@ for s in "${steps[@]}"; do case $s in
   ncu) step ncu 120 ncu --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis -k regex:glq --launch-skip 1 --launch-count 4 \
         python3 scripts/ncu_matmul.py ;;
+  block) step block 450 python3 packages/glq-quant/benchmarks/block_time.py --bpw 2 ;;
   quality) step quality 590 python3 packages/glq-quant/benchmarks/quality.py --device cuda \
         ${GLQ_QUALITY_ARGS:---rates 2 4 --finetune-model-epochs 2} --out "$out/quality.json" ;;
   *) echo "unknown step $s" | tee -a "$out/summary.txt" ;;

@@ -248,7 +248,8 @@ assert ok, why
 codes, tables, row_scale = random_layer(3, 16, 64, device="cuda")
 table = tables.table(torch.float32, "cuda")
 x = torch.randn(2, 24, device="cuda")
-cases = {
+cases = {  # torch's own check first: if that crashes too, the machine rather than our build is at fault
+    "torch-cannot be multiplied": lambda: torch.ones(2, 3, device="cuda") @ torch.ones(4, 5, device="cuda"),
     "plan-matmul_plan": lambda: torch.ops.glq_cuda.matmul_plan(1, 16, 64, 9, 0, 0, 0, 0, 0),
     "hadamard-blocks cover": lambda: torch.ops.glq_cuda.hadamard(x, [3], None, None),
     "dequantize-rate": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 5, tables.gain, torch.float16),
@@ -277,14 +278,16 @@ def test_binding_errors_raise(cuda_ext):
     runs = {}
     for label, extra in (("default", {}), ("no C++ stack traces", {"TORCH_SHOW_CPP_STACKTRACES": "0",
                                                                     "TORCH_DISABLE_ADDR2LINE": "1"})):
-        r = subprocess.run([sys.executable, "-c", _ERROR_CASES], capture_output=True, text=True, timeout=300,
+        r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ERROR_CASES], capture_output=True, text=True,
+                           timeout=300,
                            env={**os.environ, **extra})
         runs[label] = (r.returncode, r.stdout, r.stderr[-3000:])
     code, out, err = runs["default"]
     # on a crash, both runs' output says which case died and whether stack-trace capture matters
     assert code == 0, runs
     lines = out.splitlines()
-    names = ("plan-matmul_plan", "hadamard-blocks cover", "dequantize-rate", "dequantize-float32", "dequantize-dtype")
+    names = ("torch-cannot be multiplied", "plan-matmul_plan", "hadamard-blocks cover", "dequantize-rate",
+             "dequantize-float32", "dequantize-dtype")
     for name in names:
         raised = [ln for ln in lines if ln.startswith(f"raised {name} |")]
         assert raised, (name, out, err)

@@ -2,7 +2,8 @@
 
 hidden 4096, intermediate 14336, 32 heads / 8 KV heads, SmolLM2's tokenizer (vocab 49152);
 calibration nsamples x seqlen of the shipped wikipedia text (default 128 x 2048, as for real runs).
-Reports seconds for the whole run and per block (the embedding and writing are included once).
+Reports seconds for the whole run and per block (the embedding and writing are included once); the
+progress bars (stderr) show each step's rate and ETA, so a run cut short still tells how far it got.
 
     python packages/glq-quant/benchmarks/block_time.py --bpw 2 4 --blocks 1
 """
@@ -47,7 +48,7 @@ def main() -> None:
             torch.cuda.synchronize()
             start = time.perf_counter()
             summary, _ = quantize_with_model(str(src), Path(tmp) / f"q{bpw}", bpw=bpw, nsamples=args.nsamples,
-                                             seqlen=args.seqlen, device="cuda", progress=False)
+                                             seqlen=args.seqlen, device="cuda", progress=True)
             seconds = time.perf_counter() - start
             layer_s = sum(v["seconds"] for v in summary["layers"].values())
             print(json.dumps({"bpw": bpw, "blocks": args.blocks, "seconds_total": round(seconds, 1),
