@@ -511,6 +511,34 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(5, 16) == [1]  # not instantiated past rate 4
 
 
+def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):
+    """Eager glq_linear calls the op's body directly (the custom-op machinery was ~60% of a GLQ
+    linear's host time); torch.compile traces the glq::linear op, with the same result."""
+    from glq.kernels import ops
+
+    codes, tables, row_scale = random_layer(2, 24, 64, seed=3)
+    x = torch.randn(3, 64)
+    want = glq_linear(x, codes, tables, row_scale)
+    assert torch.equal(want, ops.linear_op(x, list(codes), tables.table(torch.float32, "cpu"), row_scale,
+                                           list(tables.bits), float(tables.gain), [64], None, [16, 8], None))
+    real = ops.linear_op
+    calls = []
+    monkeypatch.setattr(ops, "linear_op", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(glq_linear(x, codes, tables, row_scale), want) and not calls
+    monkeypatch.setattr(ops, "linear_op", real)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    y = torch.compile(lambda t: glq_linear(t, codes, tables, row_scale), backend=backend)(x)
+    torch._dynamo.reset()
+    assert torch.equal(y, want)
+    assert any("glq.linear" in str(n.target) for gm in graphs for n in gm.graph.nodes), [gm.graph for gm in graphs]
+
+
 def test_glq_linear_rotated_is_glq_linear_after_the_input_transform():
     """An input transformed once and handed to glq_linear_rotated gives glq_linear's output bit for
     bit (glq.hf shares one input transform among q/k/v this way); the op takes an empty in_blocks."""

@@ -241,8 +241,8 @@ def _linear(x, codes, tables, row_scale, in_signs, out_signs, in_blocks, out_blo
         # float32 is what the kernels read; a model cast with .half() casts these buffers too
         row_scale, in_signs, out_signs = (_as_f32(t) for t in (row_scale, in_signs, out_signs))
     lead = x.shape[:-1]
-    y = ops.linear_op(x.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), ib,
-                      in_signs, ob, out_signs)
+    y = ops.linear(x.reshape(-1, n_in), codes, table, row_scale, list(tables.bits), float(tables.gain), ib,
+                   in_signs, ob, out_signs)
     return y.reshape(*lead, n_out)
 
 
