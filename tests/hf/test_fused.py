@@ -182,17 +182,23 @@ def test_fused_model_saves_the_unfused_folder_and_loads_again(make_folder, tmp_p
 
 
 def test_moving_and_copying_a_fused_model(config, monkeypatch):
-    """(d) the members look their rows up in the head at call time, so .to() (which replaces
-    the head's buffers) and deepcopy keep the group consistent."""
+    """(d) the members look their rows up in the head at call time, so moving the model (which
+    replaces the head's buffers; here every tensor is replaced by a copy, as a device move does) and
+    deepcopy keep the group consistent; a dtype cast leaves the stored tensors as they are."""
     monkeypatch.setenv(FUSE_ENV, "1")
     model = _model(config)
     want = _logits(model)
     attn = model.model.layers[0].self_attn
+    old = attn.q_proj._buffers["_fused_row_scale"]
+    model._apply(lambda t: t.clone())  # what .to(other device) does: new tensors everywhere
+    head_rs = attn.q_proj._buffers["_fused_row_scale"]
+    assert head_rs.data_ptr() != old.data_ptr() and torch.equal(head_rs, old)
+    # k's rows follow q's in the head's new tensor
+    assert attn.k_proj.row_scale.data_ptr() == head_rs.data_ptr() + 96 * 4
+    assert torch.equal(_logits(model), want)
     model.to(torch.float64)
-    assert attn.k_proj.row_scale.dtype == torch.float64 and attn.k_proj._signs_out_f.dtype == torch.float64
-    # k's rows follow q's in the head's new (float64) tensor
-    assert attn.k_proj.row_scale.data_ptr() == attn.q_proj._buffers["_fused_row_scale"].data_ptr() + 96 * 8
-    model.to(torch.float32).to("cpu")
+    assert attn.k_proj.row_scale.dtype == torch.float32 and attn.k_proj._signs_out_f.dtype == torch.float32
+    model.to(torch.float32)
     assert torch.equal(_logits(model), want)
 
     twin = copy.deepcopy(model)

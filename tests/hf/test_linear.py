@@ -83,6 +83,43 @@ def test_codes_keep_their_stored_dtypes():
     assert not any(k.startswith("_") for k in layer.state_dict())  # float signs are derived, not saved
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to"])
+def test_casting_the_model_keeps_the_stored_dtypes(cast):
+    """model.half() / .bfloat16() / .to(dtype) cast only the bias: row scales, fine-tuned float16
+    gains and the derived float32 signs keep their dtype and every bit (a bfloat16 row scale would
+    move outputs by up to 0.4%), so the cast layer computes what the uncast one does on the same
+    input. Also for a fused group's joined buffers."""
+    import copy
+
+    from torch import nn
+
+    from glq.hf.linear import SharedInput, fuse_siblings
+
+    layer = random_glq_linear(96, 48, 3, bias=True, tables="random", signs_dtype="float16")
+    ref = copy.deepcopy(layer)
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    cast_layer = layer.to(dtype) if cast == "to" else getattr(layer, cast)()
+    assert cast_layer is layer and layer.bias.dtype == dtype
+    for name, buf in ref.named_buffers():
+        if name != "bias":
+            got = getattr(layer, name)
+            assert got.dtype == buf.dtype and torch.equal(got, buf), name
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ref.bias.data = ref.bias.to(dtype)
+    assert torch.equal(layer(x), ref(x))
+    # a fused head holds the group's rows in its own buffers: the same rule
+    a, b = random_glq_linear(64, 16, 2, tables="random"), random_glq_linear(64, 24, 2, tables="random")
+    b.signs_in.copy_(a.signs_in)
+    b.attach(a.tables)
+    holder = nn.ModuleDict({"a": a, "b": b})
+    a.shared_input = b.shared_input = SharedInput(2)
+    assert fuse_siblings(holder) == 1
+    rows = {n: t.clone() for n, t in a.named_buffers()}
+    holder.half()
+    assert {n: t.dtype for n, t in a.named_buffers()} == {n: t.dtype for n, t in rows.items()}
+    assert all(torch.equal(t, rows[n]) for n, t in a.named_buffers())
+
+
 def test_unattached_layer_and_wrong_tables_fail_clearly():
     from glq.hf.linear import GLQLinear
 

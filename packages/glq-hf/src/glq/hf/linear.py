@@ -85,6 +85,20 @@ class GLQLinear(nn.Module):
         self.register_buffer("_signs_out_f", self.signs_out.to(torch.float32), persistent=False)
         return self
 
+    def _apply(self, fn, recurse=True):
+        # Stored data keeps its dtype when the model is cast (model.half(), .to(torch.bfloat16)), as
+        # from_pretrained keeps it when loading: float32 row scales rounded to bfloat16 would move every
+        # output by up to 0.4%, and fine-tuned float16 gains likewise. Only the bias follows the model.
+        # Moves between devices still apply; the originals stay intact because a cast makes new tensors.
+        keep = {n: b for n, b in self._buffers.items()
+                if b is not None and b.is_floating_point() and n not in ("bias", _JOINED + "bias")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def _require_tables(self):
         if self.tables is None:
             raise RuntimeError("GLQLinear has no codebook tables attached; call attach(tables) "
