@@ -27,6 +27,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace glq {
 namespace {
@@ -964,18 +967,46 @@ GemvInfo pick_batched(int rate, int dtype, int B) {
   return dtype == kFloat16 ? batched_rate<__half>(rate, B) : batched_rate<__nv_bfloat16>(rate, B);
 }
 
+// Every matmul and FWHT call plans its launch, and the driver queries behind a plan cost a few
+// microseconds of host time per call (eager decoding makes hundreds of calls per token). Their
+// answers depend only on the kernel, its shared memory and the device, so they are asked once.
+std::mutex g_launch_mu;
+std::map<std::tuple<const void*, int, int, int>, std::pair<int, int>> g_occupancy;  // -> (per_sm, sms)
+std::map<std::pair<const void*, int>, int> g_smem_allowed;  // (kernel, device) -> bytes allowed so far
+
+// Lets `fn` use `smem` bytes of dynamic shared memory on `device` (the current one). The attribute
+// only ever grows, so a launch planned earlier with more shared memory stays allowed. Caller holds
+// g_launch_mu.
+cudaError_t allow_smem(const void* fn, int smem, int device) {
+  int& allowed = g_smem_allowed[{fn, device}];
+  if (smem <= allowed) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) allowed = smem;
+  return err;
+}
+
 // CTAs of `fn` resident per SM with `smem` bytes of dynamic shared memory (which this also
 // allows for `fn`), and the SM count: what both planners size their grids from.
 cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* per_sm, int* sms) {
+  std::lock_guard<std::mutex> lock(g_launch_mu);
+  const auto key = std::make_tuple(fn, threads, smem, device);
+  const auto hit = g_occupancy.find(key);
+  if (hit != g_occupancy.end()) {
+    *per_sm = hit->second.first;
+    *sms = hit->second.second;
+    return cudaSuccess;
+  }
   int smem_optin = 0;
   cudaError_t err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
   if (smem > smem_optin - 1024) return cudaErrorInvalidValue;
-  err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = allow_smem(fn, smem, device);
   if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, fn, threads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, fn, threads, smem);
+  if (err == cudaSuccess) g_occupancy[key] = {*per_sm, *sms};  // failures are asked again next time
+  return err;
 }
 
 // The split count actually realised when `n` units are dealt out `ceil(n / s)` per split.
@@ -1427,7 +1458,13 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   // About 4 points per thread for the largest block (2 butterflies per level), 256..1024 threads.
   const int threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
   const void* fn = fwht_kernel_for(p.dtype, threads);
-  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  {
+    std::lock_guard<std::mutex> lock(g_launch_mu);
+    err = allow_smem(fn, smem, device);
+  }
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<HadamardParams*>(&p)};
   err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream);
