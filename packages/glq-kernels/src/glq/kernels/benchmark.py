@@ -291,37 +291,30 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
             fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t * 1e6:.1f} |")
             print(fw[-1], flush=True)
 
-    # variants: table copies and split-K, rate 2 and 4, batch 1
-    var = ["| out x in | rate | rep | ksplit | us |", "|---|---|---|---|---|"]
-    for out_f, in_f in [] if smoke else SHAPES[:3]:
+    # split-K of the small-batch kernel (v4, the batch-1 default), rate 2 and 4, batch 1: the auto
+    # plan (ksplit 0) against forced splits, to tune the planner's cost model. The small SmolLM2
+    # shapes (where launch and reduction latency dominate) in --smoke too.
+    var = ["| out x in | rate | ksplit asked -> planned (grid) | us |", "|---|---|---|---|"]
+    small = [(576, 1536), (1536, 576), (576, 576)]
+    for out_f, in_f in small if smoke else [*SHAPES[:3], *small]:
         for rate in (2, 4):
             n, layers, tables = make_sets(rate, out_f, in_f, 1)
             x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
             tab = tables.table(x.dtype, x.device)
-            for rep in (8, 2):
-                for ks in (0, 4, 8, 16):
-                    try:
-                        t = time_graph(
-                            lambda i, rep=rep, ks=ks: torch.ops.glq_cuda.matmul(
-                                x,
-                                layers[i][0],
-                                tab,
-                                layers[i][2],
-                                rate,
-                                tables.gain,
-                                rep,
-                                ks,
-                            ),
-                            n,
-                            replays=10,
-                        )
-                    except RuntimeError as e:
-                        var.append(f"| {out_f}x{in_f} | {rate} | {rep} | {ks} | failed: {e} |")
-                        continue
-                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, rep, ks, 0, 1)
-                    var.append(
-                        f"| {out_f}x{in_f} | {rate} | {rep} | {ks}->{plan[2]} (grid {plan[3]}) | {t * 1e6:.1f} |"
+            for ks in (0, 1, 2, 4, 8, 16):
+                try:
+                    t = time_graph(
+                        lambda i, ks=ks: torch.ops.glq_cuda.matmul(
+                            x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, ks, 2
+                        ),
+                        n,
+                        replays=10,
                     )
+                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, 2)
+                except RuntimeError as e:
+                    var.append(f"| {out_f}x{in_f} | {rate} | {ks} | failed: {e} |")
+                    continue
+                var.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) | {t * 1e6:.1f} |")
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
     return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var]
