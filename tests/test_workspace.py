@@ -127,6 +127,28 @@ def _transitive(member: str) -> set[str]:
     return seen
 
 
+@pytest.mark.parametrize("member", [m for m in MEMBERS if any(
+    f.suffix not in (".py", ".pyc") for f in (ROOT / "packages" / f"glq-{m}" / "src").rglob("*") if f.is_file())])
+def test_wheel_ships_every_file_of_its_package(member, tmp_path):
+    """The built wheel holds every file under the member's src, data included: the CUDA sources the
+    kernels compile at first use, the codebook tables, the shipped texts and task data. (glq 0.2.10's
+    wheel left its CUDA sources out, so installed users only ever ran its Triton path.)"""
+    import zipfile
+
+    uv = shutil.which("uv")
+    cmd = [uv] if uv else [sys.executable, "-m", "uv"]
+    if subprocess.run([*cmd, "--version"], capture_output=True).returncode != 0:
+        pytest.skip("uv is not installed")
+    subprocess.run([*cmd, "build", "--package", f"glq-{member}", "--wheel", "--out-dir", str(tmp_path), "--quiet"],
+                   cwd=ROOT, check=True, timeout=600)
+    (wheel,) = tmp_path.glob("*.whl")
+    src = ROOT / "packages" / f"glq-{member}" / "src"
+    want = {f.relative_to(src).as_posix() for f in src.rglob("*")
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert not want - names, sorted(want - names)
+
+
 def test_ruff_is_clean():
     """The root ruff settings hold for every package and test (the lint the README names)."""
     ruff = shutil.which("ruff") or (Path(sys.executable).parent / "ruff")
