@@ -329,7 +329,8 @@ def quantize(model: str, output_dir: str | os.PathLike, bpw: float = 2, nsamples
         bpw: integer 2-8 (every layer at that rate) or a fraction (per-layer allocation
             between ``min_bpw`` and ``max_bpw``, by default the neighbouring integers and one above).
         bpw_map: a ``bpw_allocation.json`` (path or dict) fixing each layer's rate; skips profiling.
-        tune_iters: coordinate-descent refinement passes after LDLQ (each never increases the loss).
+        tune_iters: coordinate-descent refinement passes after LDLQ (each never increases the layer's
+            proxy loss); with the default tunings it made SmolLM2 at 4 bpw worse (BENCHMARKS.md).
         finetune_epochs: passes of block fine-tuning over the calibration set after each block is
             quantized (``glq.quant.finetune``: sign gains, row scales, norms; codes fixed); 0 = off,
             default ``DEFAULT_FINETUNE_EPOCHS`` (2).
