@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes the bpw_allocation.json saved with every GLQ model (default: none, uniform --bpw or "
                    "the allocator for a fractional --bpw)")
     q.add_argument("--tune-iters", type=_nonnegative_int, default=0,
-                   help="coordinate-descent refinement passes after LDLQ rounding (slow; with the default "
-                   "fine-tuning it did not help on the test model)")
+                   help="coordinate-descent refinement passes after LDLQ rounding (slow; on the test model at 4 bpw it "
+                   "made perplexity worse with the default fine-tuning)")
     q.add_argument("--finetune-epochs", type=_nonnegative_int, default=DEFAULT_FINETUNE_EPOCHS,
                    help="block fine-tuning passes over the calibration set after each block is quantized "
                    "(sign gains, row scales and norms learn to match the unquantized block; codes fixed); "
