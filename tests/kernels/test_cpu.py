@@ -298,6 +298,8 @@ def test_cuda_sources_compile(tmp_path):
     ptx = out.read_text()
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "glq_gemv_kernel" in ptx  # the small-batch kernel is instantiated
+    for stages in ("Li1ELb0E", "Li1ELb1E"):  # and its x-ahead variant at rates 2 and 3
+        assert f"glq_gemv_kernelI6__half{stages}Li3ELi1ELi4ELb1E" in ptx
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4
         for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):
@@ -509,6 +511,11 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
     assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
     assert variants(5, 16) == [1]  # not instantiated past rate 4
+    # GLQ_KERNELS_GEMV=2: the small-batch kernel loading x one slice ahead, at rates 2-3 only
+    monkeypatch.setenv("GLQ_KERNELS_GEMV", "2")
+    assert variants(2, 1) == [4] and variants(3, 8) == [4] and variants(4, 1) == [0] and variants(2, 16) == [3]
+    monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
+    assert variants(2, 1) == [1] and variants(2, 16) == [3]
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):
