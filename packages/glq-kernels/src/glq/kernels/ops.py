@@ -130,7 +130,7 @@ def _matmul_impl(
         fn = _cuda_matmul
         rate = _rate(bits)
         # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
-        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) everywhere,
+        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them,
         # GLQ_KERNELS_GEMV=2 the v4 variant that loads x one slice ahead (rates 2-3; not yet timed).
         gemv = os.environ.get(GEMV_ENV, "")
         variant = 1 if gemv == "0" else 4 if gemv == "2" and rate in (2, 3) else 0
