@@ -43,7 +43,11 @@ def _check_devices(x: Tensor, *others: Tensor | None) -> None:
 def _table_dtype(x: Tensor) -> torch.dtype:
     """The fused kernels read tables in x's dtype; the CPU reference and the dense path of large
     batches (exact float32 decode, rounded once to x's dtype) take them in float32."""
-    if x.device.type == "cuda" and not ops.uses_dense_path(math.prod(x.shape[:-1]), ops.select_backend(x.device)):
+    if x.device.type != "cuda":
+        return torch.float32
+    rows = math.prod(x.shape[:-1])
+    # Decode-sized batches never take the dense path: skip the backend lookup on that hot path.
+    if rows <= ops.DENSE_BATCH_THRESHOLD or not ops.uses_dense_path(rows, ops.select_backend(x.device)):
         return x.dtype
     return torch.float32
 
