@@ -92,7 +92,7 @@ def test_torch_compile_matches_eager(gpu_model):
 
 
 def test_fused_siblings_on_cuda_match_unfused_and_capture(tiny_llama_path, monkeypatch):
-    """GLQ_HF_FUSE=1 on the GPU: q/k/v and gate/up as one linear each give the unfused logits up
+    """Fused siblings (the default) on the GPU: q/k/v and gate/up as one linear each give the unfused logits up
     to the kernels' rounding (other split-K plans), and a CUDA-graph decode equals eager."""
     from transformers import AutoConfig
 

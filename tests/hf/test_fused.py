@@ -1,4 +1,4 @@
-"""Fused sibling layers (opt-in, GLQ_HF_FUSE=1): q/k/v and gate/up as one GLQ linear each.
+"""Fused sibling layers (the default; GLQ_HF_FUSE=0 turns it off): q/k/v and gate/up as one GLQ linear each.
 
 On the CPU reference path the fused product happens to equal the unfused one bit for bit; the
 checks allow float32 rounding (relative error < 1e-5) because GPU kernels may split the sum
@@ -20,8 +20,8 @@ IDS = torch.tensor([[5, 9, 2, 7, 3, 1]])
 
 @pytest.fixture(autouse=True)
 def _unfused_by_default(monkeypatch):
-    """Each test sets GLQ_HF_FUSE itself; models built before that are the plain reference."""
-    monkeypatch.delenv(FUSE_ENV, raising=False)
+    """Each test turns fusion on itself; models built before that are the plain reference."""
+    monkeypatch.setenv(FUSE_ENV, "0")
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_fused_model_saves_the_unfused_folder_and_loads_again(make_folder, tmp_p
             assert torch.equal(saved[k], t), k
 
     assert torch.equal(_logits(_load(tmp_path / "saved")), want)
-    monkeypatch.delenv(FUSE_ENV)
+    monkeypatch.setenv(FUSE_ENV, "0")
     plain = _load(tmp_path / "saved")
     assert not any(isinstance(m, FusedGLQLinear) for m in plain.modules())
     _assert_close(_logits(plain), want)
@@ -294,7 +294,7 @@ def test_qkv_biases_are_joined(monkeypatch):
 
 
 def test_unfusing_restores_the_plain_layers(config, monkeypatch):
-    """Without the variable, link_shared_inputs leaves (and makes) the layers as before; a fused
+    """With GLQ_HF_FUSE=0, link_shared_inputs leaves (and makes) the layers as before; a fused
     model refuses load_state_dict with the fix in the message."""
     plain = _model(config)
     monkeypatch.setenv(FUSE_ENV, "1")
@@ -302,7 +302,7 @@ def test_unfusing_restores_the_plain_layers(config, monkeypatch):
     sd = model.state_dict()
     with pytest.raises(RuntimeError, match="unfuse_siblings"):
         model.load_state_dict(sd)
-    monkeypatch.delenv(FUSE_ENV)
+    monkeypatch.setenv(FUSE_ENV, "0")
     assert link_shared_inputs(model) == 5 * config.num_hidden_layers
     assert not any(isinstance(m, FusedGLQLinear) for m in model.modules())
     assert [n for n, _ in model.named_buffers()] == [n for n, _ in plain.named_buffers()]
@@ -327,3 +327,16 @@ def test_torch_compile_traces_each_member_alone(config, monkeypatch):
         torch._dynamo.reset()
     assert explained.graph_break_count == 0
     _assert_close(got, want)
+
+
+def test_fusion_is_the_default(config, monkeypatch):
+    """Without the variable a loaded model comes fused; GLQ_HF_FUSE=0 keeps the layers apart."""
+    from glq.hf.linear import fusion_enabled
+
+    monkeypatch.delenv(FUSE_ENV, raising=False)
+    assert fusion_enabled()
+    model = _model(config)
+    assert sum(isinstance(m, FusedGLQLinear) for m in model.modules()) == 5 * config.num_hidden_layers
+    monkeypatch.setenv(FUSE_ENV, "0")
+    link_shared_inputs(model)
+    assert not any(isinstance(m, FusedGLQLinear) for m in model.modules())

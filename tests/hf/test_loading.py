@@ -204,7 +204,7 @@ def test_siblings_with_equal_input_signs_rotate_their_input_once(tiny_llama_path
     from glq.hf.linear import GLQLinear, link_shared_inputs
     from glq.hf.testing import random_glq_model
 
-    monkeypatch.delenv("GLQ_HF_FUSE", raising=False)  # fused siblings (test_fused.py) make one call per group
+    monkeypatch.setenv("GLQ_HF_FUSE", "0")  # fused siblings (test_fused.py, the default) make one call per group
     config = AutoConfig.from_pretrained(tiny_llama_path)
     m = random_glq_model(config, lambda n: 3 if "mlp" in n else 2, dtype=torch.float32, tables="random")
     attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp

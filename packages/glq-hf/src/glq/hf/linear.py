@@ -10,7 +10,7 @@ by ``glq.kernels.glq_linear`` (CUDA C or Triton on a GPU, decode-then-matmul ref
 CPU). ``dequantize()`` gives W for checks and export.
 
 Sibling layers that read one input (q/k/v, gate/up) share its input transform (:class:`SharedInput`)
-and, opt-in with ``GLQ_HF_FUSE=1``, run as one fused linear (:func:`fuse_siblings`).
+and run as one fused linear (:func:`fuse_siblings`; ``GLQ_HF_FUSE=0`` keeps them apart).
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ from glq.hf.config import LayerSpec, stage_bits
 
 log = logging.getLogger("glq.hf")
 
-#: Set to "1" (read by :func:`link_shared_inputs`) to fuse sibling layers' matmuls (:func:`fuse_siblings`).
+#: Read by :func:`link_shared_inputs`: sibling layers' matmuls are fused (:func:`fuse_siblings`) unless it is "0".
+#: Fused decode is 19% (2 bpw) / 15% (4 bpw) faster through CUDA graphs on an 8B-shaped model (BENCHMARKS.md).
 FUSE_ENV = "GLQ_HF_FUSE"
+
+
+def fusion_enabled() -> bool:
+    """Whether :func:`link_shared_inputs` fuses sibling layers (yes unless ``GLQ_HF_FUSE=0``)."""
+    return os.environ.get(FUSE_ENV, "") != "0"
 
 
 class GLQLinear(nn.Module):
@@ -178,8 +184,8 @@ def link_shared_inputs(model: nn.Module) -> int:
     one :class:`SharedInput`; returns the number of layers linked. Layers from folders whose
     signs differ per layer (earlier glq.quant, fine-tuned gains that differ) are left alone.
 
-    With ``GLQ_HF_FUSE=1`` in the environment the linked groups whose rates agree are then fused
-    (:func:`fuse_siblings`; the number fused is logged). Groups fused earlier are unfused first,
+    The linked groups whose rates agree are then fused (:func:`fuse_siblings`; the number fused is
+    logged) unless ``GLQ_HF_FUSE=0`` is in the environment. Groups fused earlier are unfused first,
     so the model always ends up as the variable says."""
     unfuse_siblings(model)
     linked = 0
@@ -204,13 +210,13 @@ def link_shared_inputs(model: nn.Module) -> int:
                 for layer in g:
                     layer.shared_input = shared
                 linked += len(g)
-    if os.environ.get(FUSE_ENV, "") == "1":
-        log.info("glq.hf: %s=1: fused %d groups of sibling layers", FUSE_ENV, fuse_siblings(model))
+    if fusion_enabled():
+        log.info("glq.hf: fused %d groups of sibling layers (%s=0 keeps them apart)", fuse_siblings(model), FUSE_ENV)
     return linked
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused siblings (opt-in, GLQ_HF_FUSE=1): q/k/v as one GLQ linear, gate/up as another.
+# Fused siblings (the default; GLQ_HF_FUSE=0 turns it off): q/k/v as one GLQ linear, gate/up as another.
 #
 # Concatenating the layers' rows gives one layer whose output is the members' outputs side by
 # side: the input transform and signs are the group's common ones, W̃ and row_scale stack by rows,
@@ -330,8 +336,8 @@ class FusedGLQLinear(GLQLinear):
         # Loading one member's rows could leave the group with unequal input signs, which the
         # fused product would not notice: refuse rather than guess.
         if any(k.startswith(prefix) for k in state_dict):
-            error_msgs.append(f"{prefix[:-1]} is fused with its siblings ({FUSE_ENV}=1); call "
-                              "glq.hf.linear.unfuse_siblings(model) before load_state_dict")
+            error_msgs.append(f"{prefix[:-1]} is fused with its siblings; call glq.hf.linear.unfuse_siblings(model) "
+                              f"before load_state_dict (or load the model with {FUSE_ENV}=0)")
         elif strict:
             missing_keys.extend(prefix + name for name in _stored_names(self))
 

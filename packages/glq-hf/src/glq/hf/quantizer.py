@@ -120,7 +120,7 @@ class GLQHfQuantizer(HfQuantizer):
 
 def attach_tables(model, fmt: GLQFormat, where: str = "model") -> None:
     """Check the loaded tables and small tensors, then give every GLQLinear its rate's shared
-    packed tables, then link (and with ``GLQ_HF_FUSE=1`` fuse) sibling layers
+    packed tables, then link and fuse (unless ``GLQ_HF_FUSE=0``) sibling layers
     (:func:`glq.hf.linear.link_shared_inputs`). Raises :class:`glq.hf.checks.GLQLoadError` listing the problems."""
     tables: GLQTables = getattr(model, TABLES_ATTR)
     unfuse_siblings(model)  # attach() needs each layer's own tensors; link_shared_inputs fuses again
