@@ -297,9 +297,10 @@ def test_cuda_sources_compile(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ptx = out.read_text()
     assert "mma.sync.aligned.m16n8k16" in ptx
-    assert "glq_gemv_kernel" in ptx  # the small-batch kernel is instantiated
-    for stages in ("Li1ELb0E", "Li1ELb1E"):  # and its x-ahead variant at rates 2 and 3
-        assert f"glq_gemv_kernelI6__half{stages}Li3ELi1ELi4ELb1E" in ptx
+    for rate in range(2, 9):  # the small-batch kernel (v4) at every rate: <T, N16, HAS8, RL2, MINB, NB>
+        n16, has8 = rate // 2, rate % 2
+        rl2, nb = (3, 4) if n16 == 1 else (2, 2)
+        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}EEEv" in ptx, rate
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4
         for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):
@@ -511,9 +512,6 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
     assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
     assert variants(5, 16) == [1]  # not instantiated past rate 4
-    # GLQ_KERNELS_GEMV=2: the small-batch kernel loading x one slice ahead, at rates 2-3 only
-    monkeypatch.setenv("GLQ_KERNELS_GEMV", "2")
-    assert variants(2, 1) == [4] and variants(3, 8) == [4] and variants(4, 1) == [0] and variants(2, 16) == [3]
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variants(2, 1) == [1] and variants(2, 16) == [3]
 

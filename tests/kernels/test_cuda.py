@@ -207,10 +207,6 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                 for variant, ks in [(1, 0), (2, 0), (2, 1), (2, 3), (2, 64)]:
                     y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, variant)
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
-                    if variant == 2 and rate in (2, 3):
-                        # x loaded one slice ahead (variant 4): the same operations on the same values
-                        y4 = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
-                        assert torch.equal(y4, y), (out_f, in_f, b, dtype, ks)
 
 
 # --- large-batch (prefill) path: glq_cuda.dequantize + cuBLAS ---------------------------------------

@@ -317,28 +317,7 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                 var.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) | {t * 1e6:.1f} |")
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
-    # v4 with x loaded one slice ahead (variant 4, opt-in GLQ_KERNELS_GEMV=2) against v4, batch 1 and 4
-    xa = ["| out x in | batch | rate | v4 us | v4 x-ahead us | equal |", "|---|---|---|---|---|---|"]
-    for out_f, in_f in [SHAPES[0], SHAPES[2], (576, 1536)] if smoke else SHAPES:
-        for rate in (2, 3):
-            n, layers, tables = make_sets(rate, out_f, in_f, 1)
-            for batch in (1, 4):
-                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-                tab = tables.table(x.dtype, x.device)
-
-                def run(i, v):
-                    return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, v)
-
-                try:
-                    same = torch.equal(run(0, 2), run(0, 4))
-                    t2, t4 = (time_graph(lambda i, v=v: run(i, v), n) for v in (2, 4))
-                except RuntimeError as e:
-                    xa.append(f"| {out_f}x{in_f} | {batch} | {rate} | failed: {e} | | |")
-                    continue
-                xa.append(f"| {out_f}x{in_f} | {batch} | {rate} | {t2 * 1e6:.1f} | {t4 * 1e6:.1f} | {same} |")
-            layers = None
-    print("\n".join(xa), flush=True)
-    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var, "", *xa]
+    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var]
 
 
 def main(argv=None) -> int:

@@ -130,16 +130,14 @@ def _matmul_impl(
         fn = _cuda_matmul
         rate = _rate(bits)
         # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
-        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them,
-        # GLQ_KERNELS_GEMV=2 the v4 variant that loads x one slice ahead (rates 2-3; not yet timed).
-        gemv = os.environ.get(GEMV_ENV, "")
-        variant = 1 if gemv == "0" else 4 if gemv == "2" and rate in (2, 3) else 0
+        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
+        gemv = os.environ.get(GEMV_ENV, "") != "0"
         batched = os.environ.get(BATCHED_ENV, "") != "0" and rate in BATCHED_RATES
 
         def run(xb: Tensor) -> Tensor:
-            if variant in (0, 4) and xb.shape[0] <= 8 and not _gemv_failed:
+            if gemv and xb.shape[0] <= 8 and not _gemv_failed:
                 try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, variant)
+                    return fn(xb, codes, tables, row_scale, rate, gain, 0)
                 except RuntimeError as e:  # a launch/plan failure of the new kernel: fall back
                     _gemv_failed.append(str(e))
                     _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")

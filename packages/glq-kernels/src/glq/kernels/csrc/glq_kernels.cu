@@ -608,7 +608,7 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
 // table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
 // Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
-template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, bool XPF>
+template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB>
 __global__ void __launch_bounds__(kGemvThreads, MINB)
     glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
   extern __shared__ uint4 smem[];
@@ -663,36 +663,12 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 #pragma unroll
       for (int d = 0; d < NB - 1; ++d) load_step(ring[d], s_first + warp, d);
     }
-    // x fragments of this lane's groups j0..j0+3 of slice sl_ (8 inputs each): zero past G (their
-    // codes read as 0 and still decode to finite table entries).
-    auto load_x = [&](uint4 (&dst)[4], int sl_) {
-      const int j0 = sl_ * kSliceGroups + 4 * t;
-      if (vec && sl_ * kSliceGroups + kSliceGroups <= G) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dst[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          dst[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)))
-                                : make_uint4(0, 0, 0, 0);
-      }
-    };
-    // XPF: the next slice's x fragments are loaded one iteration ahead, so their L2 latency is not
-    // exposed at the top of every iteration (more registers; same values, same results). Without
-    // it the loads stay written inline, as the measured kernel had them (the lambda alone moved
-    // ptxas's register allocation).
-    uint4 x_ahead[4];
-    if constexpr (XPF) {
-      if (s_first + warp < s_stop) load_x(x_ahead, s_first + warp);
-    }
     for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
       const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
+      // x fragments of groups j0..j0+3 (8 inputs each): zero past G (their codes read as 0 and
+      // still decode to finite table entries)
       uint4 xf[4];
-      if constexpr (XPF) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xf[i] = x_ahead[i];
-        if (sl + kGemvWarps < s_stop) load_x(x_ahead, sl + kGemvWarps);
-      } else if (vec && sl * kSliceGroups + kSliceGroups <= G) {
+      if (vec && sl * kSliceGroups + kSliceGroups <= G) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
       } else {
@@ -937,7 +913,7 @@ struct GemvInfo {
   int rl2;
 };
 
-template <typename T, int N16, bool HAS8, bool XPF = false>
+template <typename T, int N16, bool HAS8>
 GemvInfo gemv_info() {
   // 8 table copies for one 16-bit stage, 4 otherwise. 128 registers (one CTA of 16 warps per
   // SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every rate (tried; see notes). Code ring
@@ -945,20 +921,11 @@ GemvInfo gemv_info() {
   constexpr int RL2 = N16 == 1 ? 3 : 2;
   constexpr int MINB = 1;
   constexpr int NB = N16 == 1 ? 4 : 2;
-  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, XPF>), RL2};
+  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB>), RL2};
 }
 
-// xpf: the variant that loads x one slice ahead (kKernelGemvXpf), instantiated for one 16-bit stage
-// only (rates 2 and 3: 106 / 119 registers without it; the others sit at 125-128).
 template <typename T>
-GemvInfo pick_gemv_rate(int rate, bool xpf) {
-  if (xpf) {
-    switch (rate) {
-      case 2: return gemv_info<T, 1, false, true>();
-      case 3: return gemv_info<T, 1, true, true>();
-      default: return {nullptr, 0};
-    }
-  }
+GemvInfo pick_gemv_rate(int rate) {
   switch (rate) {
     case 2: return gemv_info<T, 1, false>();
     case 3: return gemv_info<T, 1, true>();
@@ -971,8 +938,8 @@ GemvInfo pick_gemv_rate(int rate, bool xpf) {
   }
 }
 
-GemvInfo pick_gemv(int rate, int dtype, bool xpf) {
-  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, xpf) : pick_gemv_rate<__nv_bfloat16>(rate, xpf);
+GemvInfo pick_gemv(int rate, int dtype) {
+  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
 }
 
 // v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each
@@ -1091,15 +1058,14 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 // A step is one slice x kGemvT row tiles of a warp.
-int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan,
-              bool xpf = false) {
+int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
-  const GemvInfo k = pick_gemv(rate, dtype, xpf);
+  const GemvInfo k = pick_gemv(rate, dtype);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   const int rep = 1 << k.rl2;
   const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
-  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, rep, xpf ? kKernelGemvXpf : kKernelGemv, B,
-                     M, K, ksplit, device, plan);
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, rep, kKernelGemv, B, M, K, ksplit,
+                     device, plan);
 }
 
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
@@ -1166,7 +1132,6 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan) {
   if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
-  if (variant == kKernelGemvXpf) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan, true);
   if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
     // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
@@ -1178,8 +1143,8 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
 }
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
-  if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvXpf) {
-    const GemvInfo k = pick_gemv(p.rate, p.dtype, plan.kernel == kKernelGemvXpf);
+  if (plan.kernel == kKernelGemv) {
+    const GemvInfo k = pick_gemv(p.rate, p.dtype);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};

@@ -17,9 +17,7 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // Matmul kernels: kKernelAuto picks the small-batch kernel for B <= 8 (falling back to the MMA
 // kernel if it cannot be planned), the MMA kernel otherwise. kKernelBatched (register-tiled,
 // batch 1..64, rates 2..4) is only used when asked for: it has not run on a GPU yet.
-// kKernelGemvXpf: the small-batch kernel loading x one slice ahead (rates 2-3; only when asked for,
-// until a GPU has timed it against kKernelGemv).
-enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3, kKernelGemvXpf = 4 };
+enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3 };
 
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
@@ -29,7 +27,7 @@ struct MatmulPlan {
   int grid;          // persistent CTAs
   int rep;           // table copies in shared memory (1, 2, 4 or 8)
   int smem_bytes;    // dynamic shared memory per CTA
-  int kernel;        // MatmulKernel actually planned (kKernelMma, kKernelGemv, kKernelBatched, kKernelGemvXpf)
+  int kernel;        // MatmulKernel actually planned (kKernelMma, kKernelGemv, kKernelBatched)
 };
 
 struct MatmulParams {
