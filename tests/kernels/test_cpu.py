@@ -498,6 +498,7 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     monkeypatch.setattr(ops, "select_backend", lambda device: "cuda")
     monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
     monkeypatch.delenv("GLQ_KERNELS_GEMV", raising=False)
+    monkeypatch.delenv("GLQ_KERNELS_ROWTILE", raising=False)
 
     def variants(rate, b):
         codes, tables, row_scale = random_layer(rate, 16, 32, seed=rate)
@@ -514,6 +515,34 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(5, 16) == [1]  # not instantiated past rate 4
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variants(2, 1) == [1] and variants(2, 16) == [3]
+
+
+def test_small_layers_at_rates_3_4_take_the_row_tile_kernel(monkeypatch):
+    """Batches 1..8 on layers of at most 1 M weights at rates 3..4 go to variant 4 (row-tile steps);
+    larger layers, rate 2 and GLQ_KERNELS_ROWTILE=0 keep the small-batch kernel v4 (auto, 0)."""
+    from glq.kernels import ops
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(ops, "select_backend", lambda device: "cuda")
+    monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
+    for env in ("GLQ_KERNELS_GEMV", "GLQ_KERNELS_ROWTILE"):
+        monkeypatch.delenv(env, raising=False)
+
+    def variant(rate, out_f, in_f, b=1):
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=rate)
+        fake.calls.clear()
+        ops.matmul_op(torch.randn(b, in_f).half(), codes, tables.table(torch.float16, "cpu"), row_scale,
+                      list(tables.bits), tables.gain)
+        return [c[2] for c in fake.calls]
+
+    assert variant(3, 16, 32) == [4] and variant(4, 24, 64, b=8) == [4] and variant(4, 1024, 1024) == [4]
+    assert variant(2, 16, 32) == [0] and variant(5, 16, 32) == [0]
+    assert variant(4, 1024, 1032) == [0]  # 1024 x 1032 > 2^20 weights
+    assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
+    monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")
+    assert variant(3, 16, 32) == [0]
+    monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
+    assert variant(3, 16, 32) == [1]
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):

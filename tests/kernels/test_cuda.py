@@ -209,6 +209,26 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
 
 
+@pytest.mark.parametrize("rate", [2, 3, 4], ids=lambda r: f"r{r}")
+def test_row_tile_step_kernel_matches_reference_and_repeats(cuda_ext, rate):
+    """Variant 4 (small-batch kernel with (slice, row tile) steps, opt-in) matches the reference at
+    awkward shapes, batches and split counts, and repeats itself bit for bit."""
+    for out_f, in_f in [(4096, 14336), (960, 2688), (24, 24), (1536, 576), (8, 8 * 1001), (576, 1536)]:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=5, device="cuda")
+        w = dequantize(codes, tables, row_scale)
+        for b in (1, 2, 7, 8):
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                exact = exact_matmul(x, w)
+                tol = kernel_tolerance(x, w, exact, len(tables.bits))
+                table = tables.table(dtype, x.device)
+                for ks in (0, 1, 3, 64):
+                    y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
+                    assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, ks)
+                    again = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
+                    assert torch.equal(y, again), (out_f, in_f, b, dtype, ks)
+
+
 # --- large-batch (prefill) path: glq_cuda.dequantize + cuBLAS ---------------------------------------
 
 DENSE_SHAPES = [(8, 8), (24, 24), (960, 24), (8, 2688), (3, 8 * 1001), (1536, 576), (2688, 960), (4096, 14336)]

@@ -317,7 +317,33 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                 var.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) | {t * 1e6:.1f} |")
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
-    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var]
+    # variant 4 (row-tile steps, rates 2-4, opt-in) against v4 at batch 1 and 4, each with its auto split
+    rts = ["| out x in | batch | rate | v4 us | row-tile steps us | its err/ref | its plan (ksplit, grid) |",
+           "|---|---|---|---|---|---|---|"]
+    for out_f, in_f in [*SHAPES[:3], *small]:
+        for rate in (2, 3, 4):
+            n, layers, tables = make_sets(rate, out_f, in_f, 1)
+            w = dequantize(layers[0][0], tables, layers[0][2])
+            for batch in (1, 4):
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                tab = tables.table(x.dtype, x.device)
+
+                def call(i, v):
+                    return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, v)
+
+                try:
+                    exact = exact_matmul(x, w)
+                    e4 = rel_error(call(0, 4), exact) / lowp_reference_error(x, w, exact)
+                    t2 = time_graph(lambda i: call(i, 2), n, replays=20)
+                    t4 = time_graph(lambda i: call(i, 4), n, replays=20)
+                    plan = torch.ops.glq_cuda.matmul_plan(batch, out_f, in_f, rate, 0, 0, 0, 0, 4)
+                    rts.append(f"| {out_f}x{in_f} | {batch} | {rate} | {t2 * 1e6:.1f} | {t4 * 1e6:.1f} | {e4:.2f} "
+                               f"| {plan[2]}, {plan[3]} |")
+                except RuntimeError as e:
+                    rts.append(f"| {out_f}x{in_f} | {batch} | {rate} | failed: {e} | | | |")
+                print(rts[-1], flush=True)
+            layers = w = None
+    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var, "", *rts]
 
 
 def main(argv=None) -> int:

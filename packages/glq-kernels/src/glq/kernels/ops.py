@@ -41,6 +41,16 @@ DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 # 64, errors equal to the MMA kernel's (BENCHMARKS.md). GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
+# Small layers (at most ROW_TILE_MAX_WEIGHTS weights) at rates 3..4 take the small-batch kernel with
+# (slice, row tile) steps (variant 4), which keeps all 16 warps of a CTA busy where v4 leaves some
+# idle. H200, batch 1, v4 -> variant 4 (BENCHMARKS.md): 4 bpw 1536x576 9.2 -> 6.5 us, 576x576 9.0 ->
+# 6.3, 576x1536 8.0 -> 7.0; 3 bpw 10.7 -> 8.4, 10.5 -> 8.2, 8.8 -> 8.3. It loses on large layers
+# (4096x4096 at 4 bpw 12.3 -> 13.4, 4096x14336 27.7 -> 31.3) and at 2 bpw on 576x1536 (6.2 -> 6.8),
+# so those stay on v4; between 1 M and 16 M weights nothing was measured. GLQ_KERNELS_ROWTILE=0 keeps
+# v4 everywhere.
+ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
+ROW_TILE_RATES = (3, 4)
+ROW_TILE_MAX_WEIGHTS = 1 << 20
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 _batched_failed: list[str] = []  # likewise for the batched kernel
 
@@ -133,11 +143,13 @@ def _matmul_impl(
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
         gemv = os.environ.get(GEMV_ENV, "") != "0"
         batched = os.environ.get(BATCHED_ENV, "") != "0" and rate in BATCHED_RATES
+        small = 4 if (rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
+                      and os.environ.get(ROW_TILE_ENV, "") != "0") else 0
 
         def run(xb: Tensor) -> Tensor:
             if gemv and xb.shape[0] <= 8 and not _gemv_failed:
                 try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, 0)
+                    return fn(xb, codes, tables, row_scale, rate, gain, small)
                 except RuntimeError as e:  # a launch/plan failure of the new kernel: fall back
                     _gemv_failed.append(str(e))
                     _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")

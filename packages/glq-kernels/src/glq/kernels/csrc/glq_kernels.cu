@@ -713,6 +713,111 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 }
 
 // ---------------------------------------------------------------------------------------------
+// v4 with (slice, row tile) steps (variant 4, rates 2-4, only when asked for; not yet run on a GPU)
+//
+// Why: ncu on v4 (4096x14336, batch 1) put a sixth of the stall cycles at barriers. An item's
+// slices are dealt to 16 warps, each taking all 4 row tiles of a slice: 56 slices leave half the
+// warps with 4 and half with 3, and 12 slices (576x1536) leave 4 warps idle. Here warp w owns row
+// tile w % 4 and takes every 4th slice from w / 4, so all 16 warps get the same number of steps
+// whenever an item's slices divide by 4 (every shape above). Costs: x fragments are loaded every
+// step instead of every 4th (the 4 warps of a slice column read the same lines, mostly L1 hits);
+// the accumulators shrink from 16 floats to 4. Same decode, MMA and fixed-order reduction (over 4
+// warps per row instead of 16): deterministic, not bit-identical to v4.
+constexpr int kRtStride = kGemvWarps / kGemvT;  // warps per row tile, slices between a warp's steps
+
+template <typename T, int N16, bool HAS8, int RL2, int NB>
+__global__ void __launch_bounds__(kGemvThreads, 1)
+    glq_gemv_rt_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+  extern __shared__ uint4 smem[];
+  __shared__ int s_last;
+  constexpr int REP = 1 << RL2;
+  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
+  const int G = p.K / 8;
+  const int B = p.B;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int rt = warp % kGemvT;     // this warp's row tile
+  const int col = warp / kGemvT;    // its first slice within the item's range
+  const char* tab = reinterpret_cast<const char*>(smem) + (lane & (REP - 1)) * 16;
+  const int n_slices = (G + kSliceGroups - 1) / kSliceGroups;
+  const int slices_per_split = (n_slices + ksplit - 1) / ksplit;
+  const bool vec = (G % 4) == 0;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
+  const int n_items = row_blocks * ksplit;
+
+  fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  __syncthreads();
+
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int rb = item % row_blocks;
+    const int ks = item / row_blocks;
+    const int row_base = rb * kGemvRows;
+    const int s_first = ks * slices_per_split;
+    const int s_stop = min(n_slices, s_first + slices_per_split);
+    const bool rows_ok = row_base + kGemvRows <= p.M;
+    const int row0 = row_base + 16 * rt + g;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+    // Step k of this warp is slice sl0 + k * kRtStride, its codes in ring slot k % NB: the step
+    // loop is unrolled by NB so the slots are compile-time names; step k + NB - 1 is loaded while
+    // step k is decoded.
+    SliceCodes<N16, HAS8> ring[NB];
+    auto load_step = [&](SliceCodes<N16, HAS8>& dst, int sl_) {
+      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+      load_slice(dst, p, row0, sl_ * kSliceGroups + 4 * t, G, fast);
+    };
+    const int sl0 = s_first + col;
+#pragma unroll
+    for (int d = 0; d < NB - 1; ++d)
+      if (sl0 + d * kRtStride < s_stop) load_step(ring[d], sl0 + d * kRtStride);
+    for (int base = sl0; base < s_stop; base += NB * kRtStride) {
+#pragma unroll
+      for (int u = 0; u < NB; ++u) {
+        const int sl = base + u * kRtStride;
+        if (sl < s_stop) {
+          const int ahead = sl + (NB - 1) * kRtStride;
+          if (ahead < s_stop) load_step(ring[(u + NB - 1) % NB], ahead);
+          const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
+          // x fragments of groups j0..j0+3 (8 inputs each), zero past G (their codes read as 0)
+          uint4 xf[4];
+          if (vec && sl * kSliceGroups + kSliceGroups <= G) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
+          } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              xf[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)))
+                                   : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(ring[u], 0, i, tab);  // row g
+            const uint4 wb = gemv_decode<T, N16, HAS8, RL2>(ring[u], 1, i, tab);  // row g + 8
+            TypeOps<T>::mma(acc, wa.x, wb.x, wa.y, wb.y, xf[i].x, xf[i].y);
+            TypeOps<T>::mma(acc, wa.z, wb.z, wa.w, wb.w, xf[i].z, xf[i].w);
+          }
+        }
+      }
+    }
+
+    // red[(col * 64 + local row) * B + b]: each (col, row) written by exactly one warp, then summed
+    // over the kRtStride columns in order by store_item.
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int rl = 16 * rt + g + 8 * (q >> 1);
+      const int b = 2 * t + (q & 1);
+      if (b < B) red[(col * kGemvRows + rl) * B + b] = acc[q];
+    }
+    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // register-tiled batched kernel (v5, batch 9..64; opt-in, not yet run on a GPU)
 //
 // Why: the MMA kernel (v3) at batch 16/64 is 0.84x/0.25x bf16 (H100). With one row tile per warp
@@ -942,6 +1047,21 @@ GemvInfo pick_gemv(int rate, int dtype) {
   return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
 }
 
+// Variant 4 (row-tile steps): rates 2-4, the same table copies and ring depths as v4.
+template <typename T>
+GemvInfo pick_gemv_rt_rate(int rate) {
+  switch (rate) {
+    case 2: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4>), 3};
+    case 3: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4>), 3};
+    case 4: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 2>), 2};
+    default: return {nullptr, 0};
+  }
+}
+
+GemvInfo pick_gemv_rt(int rate, int dtype) {
+  return dtype == kFloat16 ? pick_gemv_rt_rate<__half>(rate) : pick_gemv_rt_rate<__nv_bfloat16>(rate);
+}
+
 // v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each
 // already add 18 kernels to the build). Same table copies as v4.
 template <typename T, int N16, bool HAS8>
@@ -1068,6 +1188,17 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, 
                      device, plan);
 }
 
+// Plan of variant 4: items as v4's, kRtStride column parts; a step is one slice x one row tile.
+int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
+  if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
+  const GemvInfo k = pick_gemv_rt(rate, dtype);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  const int rep = 1 << k.rl2;
+  const int smem = table_entries(rate) * 16 * rep + kRtStride * kGemvRows * B * 4;
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kRtStride, rep, kKernelGemvRt, B, M, K, ksplit,
+                     device, plan);
+}
+
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
 int batched_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   const GemvInfo k = pick_batched(rate, dtype, B);
@@ -1133,6 +1264,7 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
                 int variant, MatmulPlan* plan) {
   if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
+  if (variant == kKernelGemvRt) return gemv_rt_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
     // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
     if (gemv_plan(B, M, K, rate, dtype, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
@@ -1143,8 +1275,8 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
 }
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
-  if (plan.kernel == kKernelGemv) {
-    const GemvInfo k = pick_gemv(p.rate, p.dtype);
+  if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvRt) {
+    const GemvInfo k = plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype) : pick_gemv_rt(p.rate, p.dtype);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};

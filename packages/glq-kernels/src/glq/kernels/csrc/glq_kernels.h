@@ -17,7 +17,8 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // Matmul kernels: kKernelAuto picks the small-batch kernel for B <= 8 (falling back to the MMA
 // kernel if it cannot be planned), the MMA kernel otherwise. kKernelBatched (register-tiled,
 // batch 1..64, rates 2..4) is only used when asked for: it has not run on a GPU yet.
-enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3 };
+// kKernelGemvRt: the small-batch kernel with (slice, row tile) steps, rates 2-4, only when asked for.
+enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3, kKernelGemvRt = 4 };
 
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
@@ -27,7 +28,7 @@ struct MatmulPlan {
   int grid;          // persistent CTAs
   int rep;           // table copies in shared memory (1, 2, 4 or 8)
   int smem_bytes;    // dynamic shared memory per CTA
-  int kernel;        // MatmulKernel actually planned (kKernelMma, kKernelGemv, kKernelBatched)
+  int kernel;        // MatmulKernel actually planned (not kKernelAuto)
 };
 
 struct MatmulParams {
