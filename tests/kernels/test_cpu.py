@@ -414,7 +414,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
         assert y.shape == (b, 24) and y.dtype == dtype
         return x, y, [c[:3] for c in fake.calls]
 
-    assert run(1, torch.bfloat16)[2] == [("fused", 1, 0)]  # small-batch kernel (auto)
+    assert run(1, torch.bfloat16)[2] == [("fused", 1, 4)]  # small-batch kernel (row-tile steps: small layer)
     assert run(thr, torch.bfloat16)[2] == [("fused", 64, 3)]  # batched kernel, one launch
     for b in (thr + 1, 200, 2048):
         x, y, calls = run(b, torch.float32)
@@ -430,7 +430,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
     monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", thr)
     monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "0")
     assert not ops.uses_dense_path(thr + 1, "cuda")
-    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 0)]
+    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 4)]
     # the Triton backend has no decode kernel (torch ops decoding were 7.5x slower than the chunked
     # kernel on a GPU): dense only when forced with GLQ_KERNELS_DEQUANT=1
     monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
