@@ -376,9 +376,12 @@ class _FakeCuda:
         self.calls = []
 
     def matmul(self, x, codes, tables, row_scale, rate, gain, variant):
+        from glq.kernels.ops import PREFER
         from glq.kernels.qmatmul.reference import matmul_reference
 
-        self.calls.append(("fused", x.shape[0], variant, tables.dtype))
+        # the new kernels are asked for with PREFER (the extension falls back without raising)
+        assert variant in (0, 1) or variant & PREFER, variant
+        self.calls.append(("fused", x.shape[0], variant & ~PREFER, tables.dtype))
         bits = list(RATE_STAGES[rate])
         return matmul_reference(x, codes, tables, row_scale, bits, gain)
 

@@ -229,6 +229,24 @@ def test_row_tile_step_kernel_matches_reference_and_repeats(cuda_ext, rate):
                     assert torch.equal(y, again), (out_f, in_f, b, dtype, ks)
 
 
+def test_prefer_flag_plans_the_kernel_or_falls_back_without_raising(cuda_ext):
+    """variant | 16: that kernel where it can be planned, else auto's choice, with no error (ops.py's
+    way of asking for the newer kernels without relying on C++ exceptions)."""
+    from glq.kernels.ops import PREFER
+
+    plan = torch.ops.glq_cuda.matmul_plan
+    assert plan(1, 64, 128, 3, 0, 0, 0, 0, 4 | PREFER)[6] == 4  # the row-tile kernel plans
+    assert plan(1, 64, 128, 5, 0, 0, 0, 0, 4 | PREFER)[6] == 2  # not built for rate 5: small-batch v4
+    assert plan(9, 64, 128, 3, 0, 0, 0, 0, 4 | PREFER)[6] == 1  # 9 rows: the MMA kernel
+    assert plan(16, 64, 128, 3, 0, 0, 0, 0, 3 | PREFER)[6] == 3
+    assert plan(16, 64, 128, 5, 0, 0, 0, 0, 3 | PREFER)[6] == 1
+    codes, tables, row_scale = random_layer(5, 64, 128, seed=2, device="cuda")
+    x = torch.randn(3, 128, device="cuda").half()
+    table = tables.table(x.dtype, x.device)
+    auto = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 5, tables.gain, 0, 0, 0)
+    assert torch.equal(torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 5, tables.gain, 0, 0, 4 | PREFER), auto)
+
+
 # --- large-batch (prefill) path: glq_cuda.dequantize + cuBLAS ---------------------------------------
 
 DENSE_SHAPES = [(8, 8), (24, 24), (960, 24), (8, 2688), (3, 8 * 1001), (1536, 576), (2688, 960), (4096, 14336)]

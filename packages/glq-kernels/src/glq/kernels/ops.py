@@ -51,6 +51,10 @@ BATCHED_RATES = (2, 3, 4)
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
 ROW_TILE_RATES = (3, 4)
 ROW_TILE_MAX_WEIGHTS = 1 << 20
+# Added to a kernel variant: that kernel where it can be planned (shared memory, occupancy), else the
+# extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
+# extension crash the process on some machines; notes/kernels.md).
+PREFER = 16
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 _batched_failed: list[str] = []  # likewise for the batched kernel
 
@@ -143,8 +147,8 @@ def _matmul_impl(
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
         gemv = os.environ.get(GEMV_ENV, "") != "0"
         batched = os.environ.get(BATCHED_ENV, "") != "0" and rate in BATCHED_RATES
-        small = 4 if (rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
-                      and os.environ.get(ROW_TILE_ENV, "") != "0") else 0
+        small = 4 | PREFER if (rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
+                               and os.environ.get(ROW_TILE_ENV, "") != "0") else 0
 
         def run(xb: Tensor) -> Tensor:
             if gemv and xb.shape[0] <= 8 and not _gemv_failed:
@@ -155,7 +159,7 @@ def _matmul_impl(
                     _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
             if batched and xb.shape[0] > 8 and not _batched_failed:
                 try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, 3)
+                    return fn(xb, codes, tables, row_scale, rate, gain, 3 | PREFER)
                 except RuntimeError as e:
                     _batched_failed.append(str(e))
                     _warn_once("batched", f"glq.kernels: batched CUDA kernel failed ({e}); using the MMA kernel")

@@ -210,7 +210,8 @@ at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::
 TORCH_LIBRARY(glq_cuda, m) {
   // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel,
   // 3 register-tiled batched kernel (B <= 64, rates 2..4), 4 small-batch kernel with row-tile steps
-  // (B <= 8, rates 2..4); auto never picks 3 or 4 (ops.py asks for 3)
+  // (B <= 8, rates 2..4); auto never picks 3 or 4. Plus 16 (kKernelPrefer): that kernel if it can be
+  // planned, else auto's choice (ops.py asks for 3 and 4 that way).
   m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");
   m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs) -> Tensor");
   m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, int variant=0) -> int[]",

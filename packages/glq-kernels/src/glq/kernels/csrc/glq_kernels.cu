@@ -1263,6 +1263,12 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
 
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan) {
+  if (variant & kKernelPrefer) {
+    if (matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant & ~kKernelPrefer, plan) == cudaSuccess)
+      return cudaSuccess;
+    cudaGetLastError();  // clear an error left by a failed attribute call
+    variant = kKernelAuto;
+  }
   if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelGemvRt) return gemv_rt_plan(B, M, K, rate, dtype, ksplit, device, plan);

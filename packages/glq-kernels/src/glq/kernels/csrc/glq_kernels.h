@@ -19,6 +19,10 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // batch 1..64, rates 2..4) is only used when asked for: it has not run on a GPU yet.
 // kKernelGemvRt: the small-batch kernel with (slice, row tile) steps, rates 2-4, only when asked for.
 enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3, kKernelGemvRt = 4 };
+// variant | kKernelPrefer: that kernel where it can be planned (shared memory, occupancy), else what
+// kKernelAuto plans, without an error. Callers rely on this rather than on catching a C++ exception,
+// which some environments cannot unwind (see notes/kernels.md).
+constexpr int kKernelPrefer = 16;
 
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
