@@ -565,6 +565,21 @@ __device__ __forceinline__ void load_slice(SliceCodes<N16, HAS8>& cc, const Matm
   }
 }
 
+// x fragments of a lane's groups j0..j0+3 (8 inputs each) of one x row; whole: all four lie inside G
+// (one branch-free path), else groups past G read as zeros (their codes read as 0 and still decode to
+// finite table entries).
+template <typename T>
+__device__ __forceinline__ void load_x_fragments(uint4 (&xf)[4], const T* xrow, int j0, int G, bool whole) {
+  if (whole) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      xf[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i))) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Decoded weights (4 words of 2 fp16/bf16, coordinates 0..7) of code i (0..3) of row h.
 // tab: this lane's table copy (shared memory base + (lane % REP) * 16 bytes).
 template <typename T, int N16, bool HAS8, int RL2>
@@ -665,18 +680,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
     }
     for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
       const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
-      // x fragments of groups j0..j0+3 (8 inputs each): zero past G (their codes read as 0 and
-      // still decode to finite table entries)
       uint4 xf[4];
-      if (vec && sl * kSliceGroups + kSliceGroups <= G) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          xf[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)))
-                               : make_uint4(0, 0, 0, 0);
-      }
+      load_x_fragments(xf, xrow, j0, G, vec && sl * kSliceGroups + kSliceGroups <= G);
       const int sl_next = sl + kGemvWarps;
 #pragma unroll
       for (int rt = 0; rt < kGemvT; ++rt) {
@@ -784,17 +789,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
           const int ahead = sl + (NB - 1) * kRtStride;
           if (ahead < s_stop) load_step(ring[(u + NB - 1) % NB], ahead);
           const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
-          // x fragments of groups j0..j0+3 (8 inputs each), zero past G (their codes read as 0)
           uint4 xf[4];
-          if (vec && sl * kSliceGroups + kSliceGroups <= G) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) xf[i] = __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)));
-          } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              xf[i] = (j0 + i < G) ? __ldg(reinterpret_cast<const uint4*>(xrow + 8LL * (j0 + i)))
-                                   : make_uint4(0, 0, 0, 0);
-          }
+          load_x_fragments(xf, xrow, j0, G, vec && sl * kSliceGroups + kSliceGroups <= G);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(ring[u], 0, i, tab);  // row g
