@@ -128,9 +128,10 @@ def matmul_op(
 # linear nested three of them inside its own: ~60 us of its ~80 us host path (measured on this
 # CPU with the CUDA kernels stubbed out), in eager decoding 224 times per token on an 8B model.
 def _matmul_impl(
-    x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float
+    x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float,
+    backend: str | None = None,
 ) -> Tensor:
-    backend = select_backend(x.device)
+    backend = backend or select_backend(x.device)  # glq::linear passes the one it selected
     if backend == "reference":
         return matmul_reference(x, codes, tables, row_scale, bits, gain)
     if uses_dense_path(x.shape[0], backend):
@@ -145,19 +146,20 @@ def _matmul_impl(
         rate = _rate(bits)
         # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
-        gemv = os.environ.get(GEMV_ENV, "") != "0"
-        batched = os.environ.get(BATCHED_ENV, "") != "0" and rate in BATCHED_RATES
-        small = 4 | PREFER if (rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
-                               and os.environ.get(ROW_TILE_ENV, "") != "0") else 0
+        # The switches are read only where they apply (each read is ~1.5 us of host time, and eager
+        # decoding makes hundreds of these calls per token).
+        small_layer = rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
 
         def run(xb: Tensor) -> Tensor:
-            if gemv and xb.shape[0] <= 8 and not _gemv_failed:
-                try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, small)
-                except RuntimeError as e:  # a launch/plan failure of the new kernel: fall back
-                    _gemv_failed.append(str(e))
-                    _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
-            if batched and xb.shape[0] > 8 and not _batched_failed:
+            if xb.shape[0] <= 8:
+                if not _gemv_failed and os.environ.get(GEMV_ENV, "") != "0":
+                    small = 4 | PREFER if small_layer and os.environ.get(ROW_TILE_ENV, "") != "0" else 0
+                    try:
+                        return fn(xb, codes, tables, row_scale, rate, gain, small)
+                    except RuntimeError as e:  # a launch failure of the new kernel: fall back
+                        _gemv_failed.append(str(e))
+                        _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
+            elif rate in BATCHED_RATES and not _batched_failed and os.environ.get(BATCHED_ENV, "") != "0":
                 try:
                     return fn(xb, codes, tables, row_scale, rate, gain, 3 | PREFER)
                 except RuntimeError as e:
@@ -187,8 +189,9 @@ def hadamard_op(x: Tensor, block_sizes: list[int], signs: Tensor | None, out_sig
     return _hadamard_impl(x, block_sizes, signs, out_signs)
 
 
-def _hadamard_impl(x: Tensor, block_sizes: list[int], signs: Tensor | None, out_signs: Tensor | None) -> Tensor:
-    backend = select_backend(x.device)
+def _hadamard_impl(x: Tensor, block_sizes: list[int], signs: Tensor | None, out_signs: Tensor | None,
+                   backend: str | None = None) -> Tensor:
+    backend = backend or select_backend(x.device)
     if backend == "cuda":
         logs = [int(math.log2(n)) for n in block_sizes]
         return torch.ops.glq_cuda.hadamard(x.contiguous(), logs, signs, out_signs)
@@ -222,9 +225,11 @@ def linear_op(
 
 
 def _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs) -> Tensor:
-    u = _hadamard_impl(x, in_blocks, in_signs, None) if in_blocks else x
-    v = _matmul_impl(u, codes, tables, row_scale, bits, gain)
-    return _hadamard_impl(v, out_blocks, None, out_signs)
+    # one backend choice for the three steps (select_backend costs ~3.5 us of host time a call)
+    backend = select_backend(x.device)
+    u = _hadamard_impl(x, in_blocks, in_signs, None, backend) if in_blocks else x
+    v = _matmul_impl(u, codes, tables, row_scale, bits, gain, backend)
+    return _hadamard_impl(v, out_blocks, None, out_signs, backend)
 
 
 def linear(x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float,
