@@ -16,8 +16,8 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // Matmul kernels: kKernelAuto picks the small-batch kernel for B <= 8 (falling back to the MMA
 // kernel if it cannot be planned), the MMA kernel otherwise. kKernelBatched (register-tiled,
-// batch 1..64, rates 2..4) is only used when asked for: it has not run on a GPU yet.
-// kKernelGemvRt: the small-batch kernel with (slice, row tile) steps, rates 2-4, only when asked for.
+// batch 1..64, rates 2..4) and kKernelGemvRt (the small-batch kernel with (slice, row tile) steps,
+// rates 2..4) run only when asked for (ops.py asks for them at batches 9..64 and on small layers).
 enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKernelBatched = 3, kKernelGemvRt = 4 };
 // variant | kKernelPrefer: that kernel where it can be planned (shared memory, occupancy), else what
 // kKernelAuto plans, without an error. Callers rely on this rather than on catching a C++ exception,
