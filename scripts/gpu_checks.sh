@@ -32,8 +32,8 @@ for s in "${steps[@]}"; do case $s in
   cli) step cli 150 python3 -m pytest -q -p no:cacheprovider tests/cli -m cuda ;;
   mem) step mem 90 python3 packages/glq-hf/benchmarks/bench_memory.py --json "$out/mem.json" ;;
   decode) step decode 240 python3 packages/glq-hf/benchmarks/bench_decode.py --no-compile --unshared --json "$out/decode.json" ;;
-  fused) step fused 150 env GLQ_HF_FUSE=1 python3 packages/glq-hf/benchmarks/bench_decode.py --no-bf16 --no-compile \
-        --rates 2 4 --json "$out/decode_fused.json" ;;
+  fused) step fused 150 env GLQ_HF_FUSE=0 python3 packages/glq-hf/benchmarks/bench_decode.py --no-bf16 --no-compile \
+        --rates 2 4 --json "$out/decode_unfused.json" ;;  # fusion is the default: this step times it off
   compile) step compile 400 python3 packages/glq-hf/benchmarks/bench_decode.py --compile-only --rates 2 \
         --json "$out/compile.json" ;;
   kvbench) step kvbench 150 python3 packages/glq-kvcache/benchmarks/bench_decode.py ;;

@@ -158,13 +158,14 @@ def main() -> None:
         if args.compile_only and i < len(args.rates) - 1:
             continue
         model = random_glq_model(config, bpw, device="cuda", dtype=torch.bfloat16)
-        fused = "-fused" if os.environ.get("GLQ_HF_FUSE", "") == "1" else ""  # q/k/v, gate/up fused (glq.hf.linear)
+        # q/k/v and gate/up run fused by default (glq.hf.linear); GLQ_HF_FUSE=0 rows are labelled -unfused
+        fused = "-unfused" if os.environ.get("GLQ_HF_FUSE", "") == "0" else ""
         if not args.compile_only:
             measure(f"glq-{bpw}bpw{fused}", model, args, rows)
             if args.unshared and i == 0:  # the same model, each layer transforming its own input
                 from glq.hf.linear import GLQLinear, link_shared_inputs, unfuse_siblings
 
-                unfuse_siblings(model)  # with GLQ_HF_FUSE=1 the model came fused: this row is fully unshared
+                unfuse_siblings(model)  # the model came fused (the default): this row is fully unshared
                 for m in model.modules():
                     if isinstance(m, GLQLinear):
                         m.shared_input = None
