@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -302,6 +303,15 @@ def test_cuda_sources_compile(tmp_path):
         rl2, nb = (3, 4) if n16 == 1 else (2, 2)
         assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}EEEv" in ptx, rate
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
+    # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
+    # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
+    kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht)_kernelI")
+    pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14, row-tile 6, batched 18, FWHT 3 x 3
+    assert len(pdl) == 42 + 14 + 6 + 18 + 9, len(pdl)
+    for e in pdl:
+        body = e.split("\n}\n")[0]
+        assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
     for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4
         for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):
             assert f"glq_batched_kernelI6__half{stages}Li{3 if stages.startswith('Li1') else 2}ELi{nt}E" in ptx

@@ -157,6 +157,41 @@ def test_hadamard_every_block_size(cuda_ext, dtype):
                 assert rel_error(z, ref) <= _hadamard_tol(ref, dtype), (blocks, rows, *(t is None for t in signs))
 
 
+def test_programmatic_launches_change_no_result(cuda_ext, monkeypatch):
+    """Matmul and FWHT kernels launched as programmatic dependent launches (the default on compute
+    capability >= 9) give the same bits as plain launches, eagerly and in a CUDA graph, along a chain
+    where each GLQ linear reads the previous one's output (the case where a kernel starting early
+    must wait for its input) at batch 1 (split-K), 5 and 16."""
+    chain = [random_layer(r, o, i, seed=o + r, device="cuda") for r, o, i in
+             [(2, 4096, 1536), (4, 1536, 4096), (3, 576, 1536), (2, 14336, 576), (2, 576, 14336)]]
+    signs = [(torch.randint(0, 2, (layer[0][0].shape[1] * 8,), device="cuda").float() * 2 - 1) for layer in chain]
+
+    def run(x):
+        for (codes, tables, row_scale), s in zip(chain, signs, strict=True):
+            x = glq_linear(x, codes, tables, row_scale, s, None)
+        return x
+
+    for b in (1, 5, 16):
+        x = torch.randn(b, 1536, device="cuda").half()
+        monkeypatch.setenv("GLQ_KERNELS_PDL", "0")
+        plain = run(x)
+        monkeypatch.delenv("GLQ_KERNELS_PDL")
+        assert torch.equal(run(x), plain), b
+        g = torch.cuda.CUDAGraph()
+        xs = x.clone()
+        run(xs)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            y = run(xs)
+        for _ in range(3):
+            xs.copy_(torch.randn_like(xs))
+            g.replay()
+            monkeypatch.setenv("GLQ_KERNELS_PDL", "0")
+            want = run(xs)
+            monkeypatch.delenv("GLQ_KERNELS_PDL")
+            assert torch.equal(y, want), b
+
+
 def test_glq_linear_matches_reference(cuda_ext):
     for out_f, in_f in [(576, 1536), (4096, 14336), (2688, 960)]:
         codes, tables, row_scale = random_layer(2, out_f, in_f, seed=9, device="cuda")

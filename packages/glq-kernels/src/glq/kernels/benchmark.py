@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -157,7 +158,7 @@ def prefill_rows(smoke: bool) -> list[str]:
     return out
 
 
-def run(quick: bool, smoke: bool = False) -> list[str]:
+def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str]:
     dev = torch.cuda.get_device_name(0)
     import triton
 
@@ -193,6 +194,8 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
             configs.append((out_f, in_f, 16, rate))
             configs.append((out_f, in_f, 64, rate))
     bf16_cache = {}
+    if linear_only:
+        configs = []
     for out_f, in_f, batch, rate in configs:
         key = (out_f, in_f, batch)
         if key not in bf16_cache:
@@ -246,32 +249,40 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
         layers = None  # free the weight copies before the next shape
         torch.cuda.empty_cache()
 
-    pre = prefill_rows(smoke)
+    pre = [] if linear_only else prefill_rows(smoke)
 
-    # the full GLQ linear (both FHTs), batch 1 and 16, fp16
+    # the full GLQ linear (both FHTs), fp16, with programmatic dependent launches (the default on
+    # compute capability >= 9) and without (GLQ_KERNELS_PDL=0, read at each launch: at graph capture)
     lin = [
-        "| out x in | batch | rate | glq_linear us | matmul only us | bf16 us | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| out x in | batch | rate | glq_linear us | without PDL us | matmul only us | bf16 us | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for out_f, in_f in SHAPES[:1] if smoke else [*SHAPES[:3], (576, 1536)]:
-        for batch in (1, 16):
-            rate = 2
-            n, layers, tables = make_sets(rate, out_f, in_f, batch)
-            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-            s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
-            s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
-            tl_ = time_graph(
-                lambda i: glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out),
-                n,
-            )
-            tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
-            tb = bf16_cache.get((out_f, in_f, batch)) or bench_bf16(out_f, in_f, batch)
-            lin.append(
-                f"| {out_f}x{in_f} | {batch} | {rate} | {tl_ * 1e6:.1f} | {tm * 1e6:.1f} | "
-                f"{tb * 1e6:.1f} | {tb / tl_:.2f}x |"
-            )
-            print(lin[-1], flush=True)
-            layers = None  # free the weight copies before the next shape
+    lin_cases = [(*SHAPES[0], 1, 2), (*SHAPES[0], 16, 2), (*SHAPES[0], 1, 4)]
+    for out_f, in_f in [*SHAPES[1:3], (576, 1536), (1536, 576)]:
+        lin_cases += [(out_f, in_f, 1, 2), (out_f, in_f, 1, 4)]
+    for out_f, in_f, batch, rate in lin_cases:
+        n, layers, tables = make_sets(rate, out_f, in_f, batch)
+        x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+        s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
+        s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
+
+        def full(i):
+            return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out)
+
+        tl_ = time_graph(full, n)
+        os.environ["GLQ_KERNELS_PDL"] = "0"
+        try:
+            tu = time_graph(full, n)
+        finally:
+            del os.environ["GLQ_KERNELS_PDL"]
+        tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+        tb = bf16_cache.get((out_f, in_f, batch)) or bench_bf16(out_f, in_f, batch)
+        lin.append(
+            f"| {out_f}x{in_f} | {batch} | {rate} | {tl_ * 1e6:.1f} | {tu * 1e6:.1f} | {tm * 1e6:.1f} | "
+            f"{tb * 1e6:.1f} | {tb / tl_:.2f}x |"
+        )
+        print(lin[-1], flush=True)
+        layers = None  # free the weight copies before the next shape
 
     # the FWHT kernel (glq_cuda.hadamard) per size, fp16, with signs
     fw = ["| N (blocks) | batch | us |", "|---|---|---|"]
@@ -290,6 +301,9 @@ def run(quick: bool, smoke: bool = False) -> list[str]:
                 print(f"hadamard failed: {e}", flush=True)
             fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t * 1e6:.1f} |")
             print(fw[-1], flush=True)
+
+    if linear_only:
+        return [*lines, "", *lin, "", *fw]
 
     # split-K of the small-batch kernel (v4, the batch-1 default), rate 2 and 4, batch 1: the auto
     # plan (ksplit 0) against forced splits, to tune the planner's cost model. The small SmolLM2
@@ -351,11 +365,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the Markdown tables here")
     ap.add_argument("--quick", action="store_true", help="rates 2, 3, 4, 8 only")
     ap.add_argument("--smoke", action="store_true", help="a few shapes, no variant sweep")
+    ap.add_argument("--linear", action="store_true", help="only the full-linear and FWHT tables")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    out = run(args.quick, args.smoke)
+    out = run(args.quick, args.smoke, args.linear)
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:

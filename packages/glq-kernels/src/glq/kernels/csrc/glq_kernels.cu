@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -84,6 +85,25 @@ struct TypeOps<__nv_bfloat16> {
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
+
+// Programmatic dependent launch (compute capability >= 9, see launch_kernel): such a kernel may start
+// while the previous kernel of the stream still runs, once that one called pdl_launch_next (or ended).
+// Until pdl_wait() returns it may read only weights (codes, tables, scales, signs), never memory
+// another kernel writes (x, y, workspaces, counters); pdl_wait() returns once the previous grid has
+// completed and its writes are visible. Every kernel here launched that way follows that rule.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel of the stream start its weight-only prologue now (it still waits for this grid
+// to complete before touching what this grid writes).
+__device__ __forceinline__ void pdl_launch_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
 
 // Codes are read exactly once: keep them out of L1 so the x fragments stay there.
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
@@ -340,6 +360,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
   const int n_items = row_blocks * ksplit;
+  pdl_launch_next();
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const int rb = item % row_blocks;
@@ -366,6 +387,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     if (!tables_ready) {
       fill_tables<N16, HAS8>(smem, static_cast<const uint4*>(p.tables), rep_log2);
+      pdl_wait();  // codes and tables above; x, y and the workspace below
       __syncthreads();
       tables_ready = true;
     }
@@ -647,7 +669,9 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
 
+  pdl_launch_next();
   fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  pdl_wait();  // tables above; x, y and the workspace below
   __syncthreads();
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
@@ -756,7 +780,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   const int n_items = row_blocks * ksplit;
 
+  pdl_launch_next();
   fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  pdl_wait();  // tables above; x, y and the workspace below
   __syncthreads();
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
@@ -879,7 +905,9 @@ __global__ void __launch_bounds__(kBThreads, 1)
   for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
   const int n_items = row_blocks * ksplit;
 
+  pdl_launch_next();
   fill_tables<N16, HAS8, kBThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
+  pdl_wait();  // tables above; x, y and the workspace below
   __syncthreads();
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
@@ -1102,6 +1130,44 @@ cudaError_t allow_smem(const void* fn, int smem, int device) {
   return err;
 }
 
+// cudaLaunchKernel, as a programmatic dependent launch (see pdl_wait) on devices of compute capability
+// >= 9 unless GLQ_KERNELS_PDL=0: the kernel's CTAs may then start while the previous kernel of the
+// stream finishes, so its launch and its weight-only prologue (tables into shared memory) overlap the
+// previous kernel's tail (an FWHT before a matmul, a matmul before an FWHT). Stream capture records
+// it as a programmatic edge of the CUDA graph.
+cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<int, bool> capable;  // device -> compute capability >= 9
+  const char* env = std::getenv("GLQ_KERNELS_PDL");
+  bool pdl = !(env && env[0] == '0');
+  if (pdl) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = capable.find(device);
+    if (it == capable.end()) {
+      int major = 0;
+      err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+      if (err != cudaSuccess) return err;
+      it = capable.emplace(device, major >= 9).first;
+    }
+    pdl = it->second;
+  }
+  if (!pdl) return cudaLaunchKernel(fn, grid, block, args, smem, stream);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelExC(&cfg, fn, args);
+}
+
 // CTAs of `fn` resident per SM with `smem` bytes of dynamic shared memory (which this also
 // allows for `fn`), and the SM count: what both planners size their grids from.
 cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* per_sm, int* sms) {
@@ -1283,7 +1349,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
-    cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kGemvThreads), args,
+    cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kGemvThreads), args,
                                        static_cast<size_t>(plan.smem_bytes), stream);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
@@ -1293,7 +1359,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     if (k.fn == nullptr || p.x_stride * p.B >= (1LL << 31)) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
-    cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kBThreads), args,
+    cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kBThreads), args,
                                        static_cast<size_t>(plan.smem_bytes), stream);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
@@ -1304,7 +1370,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
   while ((1 << rep_log2) < plan.rep) ++rep_log2;
   void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                   const_cast<int*>(&plan.ksplit), &rep_log2};
-  cudaError_t err = cudaLaunchKernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
+  cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
                                      static_cast<size_t>(plan.smem_bytes), stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
@@ -1512,6 +1578,8 @@ __device__ __forceinline__ __nv_bfloat16 store_from_float<__nv_bfloat16>(float v
 template <typename T, int NT>
 __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
   extern __shared__ float buf[];
+  pdl_launch_next();
+  pdl_wait();  // x may be the previous kernel's output
   const int row = blockIdx.x;
   const int seg = blockIdx.y;
   const int start = p.seg_start[seg];
@@ -1602,7 +1670,7 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   }
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<HadamardParams*>(&p)};
-  err = cudaLaunchKernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream);
+  err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
