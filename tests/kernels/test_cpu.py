@@ -305,10 +305,10 @@ def test_cuda_sources_compile(tmp_path):
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
-    kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht)_kernelI")
+    kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14, row-tile 6, batched 18, FWHT 3 x 3
-    assert len(pdl) == 42 + 14 + 6 + 18 + 9, len(pdl)
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14, row-tile 6, batched 18, FWHT 3 x 3 and 3
+    assert len(pdl) == 42 + 14 + 6 + 18 + 9 + 3, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
@@ -609,3 +609,81 @@ def test_glq_linear_rotated_is_glq_linear_after_the_input_transform():
     half = glq_linear(x, codes, tables, row_scale.half(), s_in.half(), s_out.half(), (64, 32), (32, 16))
     assert torch.equal(glq_linear(x, codes, tables, row_scale.half(), s_in.half(), s_out.half(), (64, 32), (32, 16),
                                   check=False), half)
+
+
+def _fwht_levels(v: np.ndarray, lg: int) -> np.ndarray:
+    """fwht_kernel's arithmetic on one block in numpy float32: butterflies level by level in ascending
+    order, then times the float32 scale (the kernel's rsqrtf(n), modelled as float32(1/sqrt(n)))."""
+    w = v.astype(np.float32).copy()
+    n, h = 1 << lg, 1
+    while h < n:
+        x = w.reshape(-1, n // (2 * h), 2, h)
+        a, b = x[:, :, 0].copy(), x[:, :, 1].copy()
+        x[:, :, 0], x[:, :, 1] = a + b, a - b
+        h *= 2
+    return w * np.float32(1 / math.sqrt(n))
+
+
+def _fwht_fast_model(v: np.ndarray, lg: int) -> np.ndarray:
+    """csrc fwht_fast_kernel replayed in numpy float32 on one block: threads of 8 registers, phase A
+    (registers, then lane levels as the shuffle computes them: lower lane own + partner, upper lane
+    partner - own), phase B and C through the same index maps as the kernel; every point is read
+    and written exactly once per phase."""
+    n = 1 << lg
+    tpts = n // 8
+    nthreads = max(32, tpts)
+    regs = np.zeros((nthreads, 8), dtype=np.float32)
+    regs[:tpts] = v.reshape(tpts, 8)
+
+    def levels(r, m):
+        h = 1
+        while h < min(8, 1 << m):
+            for e in range(8):
+                if e & h == 0:
+                    a, b = r[:, e].copy(), r[:, e + h].copy()
+                    r[:, e], r[:, e + h] = a + b, a - b
+            h *= 2
+
+    levels(regs, min(lg, 3))
+    lane = np.arange(nthreads) % 32
+    k = 1
+    while k < 32 and k < tpts:
+        other = regs[np.arange(nthreads) ^ k]
+        regs = np.where((lane & k != 0)[:, None], other - regs, regs + other).astype(np.float32)
+        k *= 2
+    scale = np.float32(1 / math.sqrt(n))
+    out = np.full(n, np.nan, dtype=np.float32)
+    if lg <= 8:
+        out[:] = regs[:tpts].reshape(-1) * scale
+        return out
+    buf = regs[:tpts].reshape(-1).copy()
+    t = np.arange(tpts)[:, None]
+    e = np.arange(8)[None, :]
+    gb = 1 << min(lg - 8, 3)
+    grp = (e // gb) * tpts + t
+    idx = (grp & 255) + 256 * ((e % gb) + gb * (grp >> 8))
+    assert sorted(idx.reshape(-1)) == list(range(n)), "phase B reads every point once"
+    r = buf[idx]
+    levels(r, min(lg - 8, 3))
+    if lg <= 11:
+        out[idx] = r * scale
+        return out
+    buf[idx] = r
+    gc = 1 << (lg - 11)
+    idx = (e // gc) * tpts + t + 2048 * (e % gc)
+    assert sorted(idx.reshape(-1)) == list(range(n)), "phase C reads every point once"
+    r = buf[idx]
+    levels(r, lg - 11)
+    out[idx] = r * scale
+    return out
+
+
+@pytest.mark.parametrize("lg", range(3, 14))
+def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg):
+    """fwht_fast_kernel's layout (registers, lane shuffles, two exchanges through shared memory) gives
+    fwht_kernel's level-by-level float32 values bit for bit, at every block size it takes."""
+    rng = np.random.default_rng(lg)
+    v = (rng.standard_normal(1 << lg) * 3).astype(np.float32)
+    v[::7] *= 1e4  # mixed magnitudes: any change in the order of the additions shows in the rounding
+    got = _fwht_fast_model(v, lg)
+    assert np.array_equal(got.view(np.uint32), _fwht_levels(v[None], lg)[0].view(np.uint32))

@@ -157,13 +157,53 @@ def test_hadamard_every_block_size(cuda_ext, dtype):
                 assert rel_error(z, ref) <= _hadamard_tol(ref, dtype), (blocks, rows, *(t is None for t in signs))
 
 
+def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values at an address 4 bytes past 16-byte alignment (contiguous): the FWHT op then takes
+    fwht_kernel (one level per shared-memory pass) instead of fwht_fast_kernel, which needs aligned data."""
+    flat = torch.empty(t.numel() + 4, dtype=t.dtype, device=t.device)
+    out = flat[1:t.numel() + 1].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fast_fwht_is_the_block_kernel_bit_for_bit(cuda_ext, dtype):
+    """fwht_fast_kernel (registers, shuffles, two exchanges; blocks of 8..8192 points, aligned data)
+    gives fwht_kernel's values bit for bit: every block size, ragged lists in any order, 1..64 rows,
+    input and output signs."""
+    from glq.kernels.api import default_blocks
+
+    cases = [[1 << k] for k in range(3, 14)] + [list(default_blocks(n)) for n in (24, 576, 960, 2688, 14336)]
+    cases += [[4096, 4096], [1024] * 8, [8, 2048, 64, 4096]]
+    for blocks in cases:
+        n = sum(blocks)
+        logs = [b.bit_length() - 1 for b in blocks]
+        for rows in (1, 3, 64):
+            x = torch.randn(rows, n, device="cuda").to(dtype) * 4
+            s = torch.randint(0, 2, (n,), device="cuda").float() * 2 - 1
+            so = torch.randint(0, 2, (n,), device="cuda").float() * 2 - 1
+            for signs in ((None, None), (s, None), (s, so), (None, so)):
+                fast = torch.ops.glq_cuda.hadamard(x, logs, *signs)
+                if signs[0] is None:  # no input signs to misalign: misalign x's rows instead
+                    xu = torch.empty(rows, n + 8, device="cuda", dtype=dtype)[:, 1:n + 1]
+                    xu.copy_(x)
+                    slow = torch.ops.glq_cuda.hadamard(xu, logs, *signs)
+                else:
+                    slow = torch.ops.glq_cuda.hadamard(x, logs, _unaligned_copy(signs[0]), signs[1])
+                assert torch.equal(fast, slow), (blocks, rows, *(t is None for t in signs))
+
+
 def test_programmatic_launches_change_no_result(cuda_ext, monkeypatch):
     """Matmul and FWHT kernels launched as programmatic dependent launches (the default on compute
     capability >= 9) give the same bits as plain launches, eagerly and in a CUDA graph, along a chain
     where each GLQ linear reads the previous one's output (the case where a kernel starting early
     must wait for its input) at batch 1 (split-K), 5 and 16."""
-    chain = [random_layer(r, o, i, seed=o + r, device="cuda") for r, o, i in
-             [(2, 4096, 1536), (4, 1536, 4096), (3, 576, 1536), (2, 14336, 576), (2, 576, 14336)]]
+    chain = []
+    for r, o, i in [(2, 4096, 1536), (4, 1536, 4096), (3, 576, 1536), (2, 14336, 576), (2, 576, 14336)]:
+        codes, tables, row_scale = random_layer(r, o, i, seed=o + r, device="cuda")
+        # unit gain on unit-RMS inputs, so five layers in a row stay far from fp16 overflow
+        gain = glq_linear(torch.randn(8, i, device="cuda").half(), codes, tables, row_scale).float().pow(2).mean()
+        chain.append((codes, tables, row_scale / gain.sqrt()))
     signs = [(torch.randint(0, 2, (layer[0][0].shape[1] * 8,), device="cuda").float() * 2 - 1) for layer in chain]
 
     def run(x):
@@ -176,6 +216,7 @@ def test_programmatic_launches_change_no_result(cuda_ext, monkeypatch):
         monkeypatch.setenv("GLQ_KERNELS_PDL", "0")
         plain = run(x)
         monkeypatch.delenv("GLQ_KERNELS_PDL")
+        assert plain.isfinite().all() and plain.abs().max() > 0, b
         assert torch.equal(run(x), plain), b
         g = torch.cuda.CUDAGraph()
         xs = x.clone()
