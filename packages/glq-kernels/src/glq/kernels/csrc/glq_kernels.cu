@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -1131,15 +1132,18 @@ cudaError_t allow_smem(const void* fn, int smem, int device) {
 }
 
 // cudaLaunchKernel, as a programmatic dependent launch (see pdl_wait) on devices of compute capability
-// >= 9 unless GLQ_KERNELS_PDL=0: the kernel's CTAs may then start while the previous kernel of the
-// stream finishes, so its launch and its weight-only prologue (tables into shared memory) overlap the
-// previous kernel's tail (an FWHT before a matmul, a matmul before an FWHT). Stream capture records
-// it as a programmatic edge of the CUDA graph.
-cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream) {
+// >= 9: the kernel's CTAs may then start while the previous kernel of the stream finishes, so its
+// launch and its weight-only prologue (tables into shared memory) overlap the previous kernel's tail
+// (an FWHT before a matmul, a matmul before an FWHT). Stream capture records it as a programmatic edge
+// of the CUDA graph. GLQ_KERNELS_PDL=0 turns it off; a comma-separated list of kinds (fwht, small,
+// batched, mma) keeps it for those only (for measurements, scripts/pdl_probe.py).
+cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream,
+                          const char* kind, bool allowed = true) {
   static std::mutex mu;
   static std::map<int, bool> capable;  // device -> compute capability >= 9
   const char* env = std::getenv("GLQ_KERNELS_PDL");
-  bool pdl = !(env && env[0] == '0');
+  bool pdl = allowed && (!env || !env[0] || (env[0] == '1' && !env[1]) ||
+                         (env[0] != '0' && std::strstr(env, kind) != nullptr));
   if (pdl) {
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
@@ -1350,7 +1354,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
     cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kGemvThreads), args,
-                                       static_cast<size_t>(plan.smem_bytes), stream);
+                                    static_cast<size_t>(plan.smem_bytes), stream, "small");
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
@@ -1360,7 +1364,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
     cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kBThreads), args,
-                                       static_cast<size_t>(plan.smem_bytes), stream);
+                                    static_cast<size_t>(plan.smem_bytes), stream, "batched");
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
@@ -1371,7 +1375,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
   void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                   const_cast<int*>(&plan.ksplit), &rep_log2};
   cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
-                                     static_cast<size_t>(plan.smem_bytes), stream);
+                                  static_cast<size_t>(plan.smem_bytes), stream, "mma");
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
@@ -1813,6 +1817,11 @@ int fwht_fast_threads(const HadamardParams& p) {
 
 }  // namespace
 
+// FWHTs are programmatic launches only on grids of at most 4 CTAs (batch 1): H200, full 4096x14336
+// linear, FWHT launched that way or not: batch 1 22.8 / 23.4 us, batch 8 32.0 / 26.1, batch 16 43.9 /
+// 36.8 (scripts/pdl_probe.py; why larger grids lose was not found).
+static bool fwht_pdl(const HadamardParams& p) { return p.rows * p.nseg <= 4; }
+
 int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   if (p.nseg < 1 || p.nseg > kMaxHadamardSegments || p.rows < 1) return cudaErrorInvalidValue;
   int max_log = 0;
@@ -1837,7 +1846,8 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
     }
     if (err != cudaSuccess) return err;
     void* args[] = {const_cast<HadamardParams*>(&p)};
-    err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(fast_threads), args, static_cast<size_t>(fast_smem), stream);
+    err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(fast_threads), args, static_cast<size_t>(fast_smem), stream,
+                        "fwht", fwht_pdl(p));
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
@@ -1853,7 +1863,8 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   }
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<HadamardParams*>(&p)};
-  err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream);
+  err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream, "fwht",
+                      fwht_pdl(p));
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
