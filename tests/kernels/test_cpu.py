@@ -524,15 +524,16 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(2, 16) == [1]
     monkeypatch.delenv("GLQ_KERNELS_BATCHED")
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
-    assert variants(2, 8) == [0]  # the small-batch kernel keeps batches 1..8
+    assert variants(2, 8) == [4]  # the small-batch kernels keep batches 1..8 (row-tile steps: a small layer)
     assert variants(5, 16) == [1]  # not instantiated past rate 4
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variants(2, 1) == [1] and variants(2, 16) == [3]
 
 
 def test_small_layers_at_rates_3_4_take_the_row_tile_kernel(monkeypatch):
-    """Batches 1..8 on layers of at most 1 M weights at rates 3..4 go to variant 4 (row-tile steps);
-    larger layers, rate 2 and GLQ_KERNELS_ROWTILE=0 keep the small-batch kernel v4 (auto, 0)."""
+    """Batches 1..8 on layers of at most 1 M weights at rates 3..4 (at 2 bpw: with at most 1024 inputs)
+    go to variant 4 (row-tile steps); larger layers, other rates and GLQ_KERNELS_ROWTILE=0 keep the
+    small-batch kernel v4 (auto, 0)."""
     from glq.kernels import ops
 
     fake = _FakeCuda()
@@ -549,7 +550,9 @@ def test_small_layers_at_rates_3_4_take_the_row_tile_kernel(monkeypatch):
         return [c[2] for c in fake.calls]
 
     assert variant(3, 16, 32) == [4] and variant(4, 24, 64, b=8) == [4] and variant(4, 1024, 1024) == [4]
-    assert variant(2, 16, 32) == [0] and variant(5, 16, 32) == [0]
+    # 2 bpw: only short inputs (576 on SmolLM2), where v4 leaves warps idle
+    assert variant(2, 1536, 576) == [4] and variant(2, 576, 1024) == [4] and variant(2, 576, 1536) == [0]
+    assert variant(2, 4096, 4096) == [0] and variant(5, 16, 32) == [0]
     assert variant(4, 1024, 1032) == [0]  # 1024 x 1032 > 2^20 weights
     assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
     monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")

@@ -47,10 +47,13 @@ BATCHED_RATES = (2, 3, 4)
 # 6.3, 576x1536 8.0 -> 7.0; 3 bpw 10.7 -> 8.4, 10.5 -> 8.2, 8.8 -> 8.3. It loses on large layers
 # (4096x4096 at 4 bpw 12.3 -> 13.4, 4096x14336 27.7 -> 31.3) and at 2 bpw on 576x1536 (6.2 -> 6.8),
 # so those stay on v4; between 1 M and 16 M weights nothing was measured. GLQ_KERNELS_ROWTILE=0 keeps
-# v4 everywhere.
+# v4 everywhere. At 2 bpw it wins only where the input is short (v4 deals its few K slices to 16 warps):
+# H200 with programmatic launches, v4 -> variant 4: 1536x576 4.8 -> 4.1 us, 576x576 4.6 -> 4.1, but
+# 576x1536 3.6 -> 4.2 (without them, stop 14: 7.2 -> 6.8, 7.1 -> 6.6, 6.2 -> 6.8).
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
 ROW_TILE_RATES = (3, 4)
 ROW_TILE_MAX_WEIGHTS = 1 << 20
+ROW_TILE_RATE2_MAX_IN = 1024
 # Added to a kernel variant: that kernel where it can be planned (shared memory, occupancy), else the
 # extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
 # extension crash the process on some machines; notes/kernels.md).
@@ -148,7 +151,8 @@ def _matmul_impl(
         # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
         # The switches are read only where they apply (each read is ~1.5 us of host time, and eager
         # decoding makes hundreds of these calls per token).
-        small_layer = rate in ROW_TILE_RATES and codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS
+        small_layer = codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS and (
+            rate in ROW_TILE_RATES or (rate == 2 and x.shape[1] <= ROW_TILE_RATE2_MAX_IN))
 
         def run(xb: Tensor) -> Tensor:
             if xb.shape[0] <= 8:
