@@ -433,3 +433,21 @@ def test_generator_smoke():
         c = fit_scales(c, x, iters=1)
         err = ((x - c.decode(c.encode(x))) ** 2).mean().item()
         assert err < 0.5 * ((x - c2.decode(c2.encode(x))) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("bpw", [5, 6], ids=["bpw5", "bpw6"])
+def test_round_trip_step_does_not_depend_on_its_chunks(bpw, monkeypatch):
+    # GPUs run the round-trip step in much larger chunks (launch-bound there); the codes must be the
+    # ones the CPU's cache-sized chunks give, for decoded points and Gaussians alike.
+    from glq.lattice import roundtrip
+
+    c = codec(bpw)
+    x = torch.cat([c.decode(random_codes(c, 150, 90 + bpw)), gauss(150, 80 + bpw), 4.0 * gauss(20, 81)])
+    small = c.encode(x)
+    monkeypatch.setattr(roundtrip, "_chunks", lambda device: (1 << 10, 1 << 16, 1 << 22))
+    big = c.encode(x)
+    monkeypatch.setattr(roundtrip, "_chunks", lambda device: (3, 5, 64))  # ragged, tiny
+    tiny = c.encode(x)
+    for a, b, t in zip(small, big, tiny, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, t)
+    assert torch.equal(c.decode(small)[:150], x[:150])  # the decoded points came back
