@@ -1573,6 +1573,23 @@ __device__ __forceinline__ __nv_bfloat16 store_from_float<__nv_bfloat16>(float v
   return __float2bfloat16_rn(v);
 }
 
+// Butterflies over registers v[a*g .. a*g+g-1] for every group a (g = 2^m points each), levels
+// ascending: the group's index bits are its points' bits at the current phase.
+__device__ __forceinline__ void group_levels(float (&v)[8], int m) {
+#pragma unroll
+  for (int h = 1; h < 8; h *= 2) {
+    if (h < (1 << m)) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if ((e & h) == 0) {
+          const float a = v[e], b = v[e + h];
+          v[e] = a + b;
+          v[e + h] = a - b;
+        }
+    }
+  }
+}
+
 // One CTA per (row, block) applies every level of its block, so at batch 1 a single SM does a
 // whole 4096- or 8192-point transform: its time is the CTA's instruction count, not bandwidth.
 // Large blocks therefore get more threads (H200, 256 threads: 5.9 us for 4096 points, 9.7 for
@@ -1603,15 +1620,7 @@ __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
         v[e] = load_as_float(x + 8 * q + e);
         if (sg) v[e] *= sg[8 * q + e];
       }
-#pragma unroll
-      for (int h = 1; h < 8; h *= 2)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          if ((e & h) == 0) {
-            const float a = v[e], b = v[e + h];
-            v[e] = a + b;
-            v[e + h] = a - b;
-          }
+      group_levels(v, 3);
 #pragma unroll
       for (int e = 0; e < 8; ++e) buf[8 * q + e] = v[e];
     }
@@ -1681,23 +1690,6 @@ __device__ __forceinline__ void load8f<float>(const float* p, float (&v)[8]) {
   const float4 b = *reinterpret_cast<const float4*>(p + 4);
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
   v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-
-// Butterflies over registers v[a*g .. a*g+g-1] for every group a (g = 2^m points each), levels
-// ascending: the group's index bits are its points' bits at the current phase.
-__device__ __forceinline__ void group_levels(float (&v)[8], int m) {
-#pragma unroll
-  for (int h = 1; h < 8; h *= 2) {
-    if (h < (1 << m)) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        if ((e & h) == 0) {
-          const float a = v[e], b = v[e + h];
-          v[e] = a + b;
-          v[e + h] = a - b;
-        }
-    }
-  }
 }
 
 template <typename T>
@@ -1830,30 +1822,21 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
     max_log = std::max(max_log, p.seg_log2[s]);
   }
   const int n = 1 << max_log;
-  const int smem = static_cast<int>(sizeof(float)) * n;
+  // fwht_fast_kernel where it applies, else fwht_kernel with about 4 points per thread for the largest
+  // block (2 butterflies per level), 256..1024 threads
   const int fast_threads = fwht_fast_threads(p);
+  const void* fn;
+  int threads, smem = static_cast<int>(sizeof(float)) * n;
   if (fast_threads > 0) {
-    const void* fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half>)
-                     : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16>)
-                                            : reinterpret_cast<const void*>(&fwht_fast_kernel<float>);
-    const int fast_smem = max_log > 8 ? smem : 0;
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    {
-      std::lock_guard<std::mutex> lock(g_launch_mu);
-      err = allow_smem(fn, fast_smem, device);
-    }
-    if (err != cudaSuccess) return err;
-    void* args[] = {const_cast<HadamardParams*>(&p)};
-    err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(fast_threads), args, static_cast<size_t>(fast_smem), stream,
-                        "fwht", fwht_pdl(p));
-    if (err != cudaSuccess) return err;
-    return cudaGetLastError();
+    fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half>)
+         : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16>)
+                                : reinterpret_cast<const void*>(&fwht_fast_kernel<float>);
+    threads = fast_threads;
+    if (max_log <= 8) smem = 0;  // blocks of <= 256 points never leave registers
+  } else {
+    threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
+    fn = fwht_kernel_for(p.dtype, threads);
   }
-  // About 4 points per thread for the largest block (2 butterflies per level), 256..1024 threads.
-  const int threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
-  const void* fn = fwht_kernel_for(p.dtype, threads);
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
