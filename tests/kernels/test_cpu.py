@@ -307,8 +307,8 @@ def test_cuda_sources_compile(tmp_path):
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14, row-tile 6, batched 18, FWHT 3 x 3 and 3
-    assert len(pdl) == 42 + 14 + 6 + 18 + 9 + 3, len(pdl)
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14, row-tile 6, batched 18, FWHT 3 x 3 and 3 x 2
+    assert len(pdl) == 42 + 14 + 6 + 18 + 9 + 6, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
@@ -627,27 +627,30 @@ def _fwht_levels(v: np.ndarray, lg: int) -> np.ndarray:
     return w * np.float32(1 / math.sqrt(n))
 
 
-def _fwht_fast_model(v: np.ndarray, lg: int) -> np.ndarray:
-    """csrc fwht_fast_kernel replayed in numpy float32 on one block: threads of 8 registers, phase A
-    (registers, then lane levels as the shuffle computes them: lower lane own + partner, upper lane
-    partner - own), phase B and C through the same index maps as the kernel; every point is read
-    and written exactly once per phase."""
+def _fwht_fast_model(v: np.ndarray, lg: int, pts: int) -> np.ndarray:
+    """csrc fwht_fast_kernel<T, pts> replayed in numpy float32 on one block: threads of pts registers,
+    phase A (registers, then lane levels as the shuffle computes them: lower lane own + partner,
+    upper lane partner - own), phase B and C through the same index maps as the kernel; every point
+    is read and written exactly once per phase."""
     n = 1 << lg
-    tpts = n // 8
+    lp = pts.bit_length() - 1
+    lb, lc = lp + 5, 2 * lp + 5
+    tpts = max(1, n // pts)
+    ppt = min(n, pts)
     nthreads = max(32, tpts)
-    regs = np.zeros((nthreads, 8), dtype=np.float32)
-    regs[:tpts] = v.reshape(tpts, 8)
+    regs = np.zeros((nthreads, pts), dtype=np.float32)
+    regs[:tpts, :ppt] = v.reshape(tpts, ppt)
 
     def levels(r, m):
         h = 1
-        while h < min(8, 1 << m):
-            for e in range(8):
+        while h < min(pts, 1 << m):
+            for e in range(pts):
                 if e & h == 0:
                     a, b = r[:, e].copy(), r[:, e + h].copy()
                     r[:, e], r[:, e + h] = a + b, a - b
             h *= 2
 
-    levels(regs, min(lg, 3))
+    levels(regs, min(lg, lp))
     lane = np.arange(nthreads) % 32
     k = 1
     while k < 32 and k < tpts:
@@ -656,37 +659,38 @@ def _fwht_fast_model(v: np.ndarray, lg: int) -> np.ndarray:
         k *= 2
     scale = np.float32(1 / math.sqrt(n))
     out = np.full(n, np.nan, dtype=np.float32)
-    if lg <= 8:
-        out[:] = regs[:tpts].reshape(-1) * scale
+    if lg <= lb:
+        out[:] = regs[:tpts, :ppt].reshape(-1) * scale
         return out
     buf = regs[:tpts].reshape(-1).copy()
     t = np.arange(tpts)[:, None]
-    e = np.arange(8)[None, :]
-    gb = 1 << min(lg - 8, 3)
+    e = np.arange(pts)[None, :]
+    gb = 1 << min(lg - lb, lp)
     grp = (e // gb) * tpts + t
-    idx = (grp & 255) + 256 * ((e % gb) + gb * (grp >> 8))
+    idx = (grp & ((1 << lb) - 1)) + (1 << lb) * ((e % gb) + gb * (grp >> lb))
     assert sorted(idx.reshape(-1)) == list(range(n)), "phase B reads every point once"
     r = buf[idx]
-    levels(r, min(lg - 8, 3))
-    if lg <= 11:
+    levels(r, min(lg - lb, lp))
+    if lg <= lc:
         out[idx] = r * scale
         return out
     buf[idx] = r
-    gc = 1 << (lg - 11)
-    idx = (e // gc) * tpts + t + 2048 * (e % gc)
+    gc = 1 << (lg - lc)
+    idx = (e // gc) * tpts + t + (1 << lc) * (e % gc)
     assert sorted(idx.reshape(-1)) == list(range(n)), "phase C reads every point once"
     r = buf[idx]
-    levels(r, lg - 11)
+    levels(r, lg - lc)
     out[idx] = r * scale
     return out
 
 
-@pytest.mark.parametrize("lg", range(3, 14))
-def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg):
+@pytest.mark.parametrize("lg,pts", [(lg, 8) for lg in range(3, 14)] + [(lg, 16) for lg in (3, 4, 9, 11, 13, 14)])
+def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg, pts):
     """fwht_fast_kernel's layout (registers, lane shuffles, two exchanges through shared memory) gives
-    fwht_kernel's level-by-level float32 values bit for bit, at every block size it takes."""
+    fwht_kernel's level-by-level float32 values bit for bit, at every block size it takes, with 8
+    points per thread (blocks up to 8192) and 16 (launches whose largest block is 16384)."""
     rng = np.random.default_rng(lg)
     v = (rng.standard_normal(1 << lg) * 3).astype(np.float32)
     v[::7] *= 1e4  # mixed magnitudes: any change in the order of the additions shows in the rounding
-    got = _fwht_fast_model(v, lg)
+    got = _fwht_fast_model(v, lg, pts)
     assert np.array_equal(got.view(np.uint32), _fwht_levels(v[None], lg)[0].view(np.uint32))

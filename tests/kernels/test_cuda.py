@@ -168,13 +168,13 @@ def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_fast_fwht_is_the_block_kernel_bit_for_bit(cuda_ext, dtype):
-    """fwht_fast_kernel (registers, shuffles, two exchanges; blocks of 8..8192 points, aligned data)
-    gives fwht_kernel's values bit for bit: every block size, ragged lists in any order, 1..64 rows,
-    input and output signs."""
+    """fwht_fast_kernel (registers, shuffles, two exchanges; blocks of 8..16384 points, aligned data)
+    gives fwht_kernel's values bit for bit: every block size, ragged lists in any order (16 points per
+    thread when a 16384-point block is in the launch), 1..64 rows, input and output signs."""
     from glq.kernels.api import default_blocks
 
-    cases = [[1 << k] for k in range(3, 14)] + [list(default_blocks(n)) for n in (24, 576, 960, 2688, 14336)]
-    cases += [[4096, 4096], [1024] * 8, [8, 2048, 64, 4096]]
+    cases = [[1 << k] for k in range(3, 15)] + [list(default_blocks(n)) for n in (24, 576, 960, 2688, 14336, 28672)]
+    cases += [[4096, 4096], [1024] * 8, [8, 2048, 64, 4096], [16384, 8, 512]]
     for blocks in cases:
         n = sum(blocks)
         logs = [b.bit_length() - 1 for b in blocks]

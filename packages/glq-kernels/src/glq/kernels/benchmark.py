@@ -288,7 +288,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
     fw = ["| N (blocks) | batch | us |", "|---|---|---|"]
     from glq.kernels.api import default_blocks
 
-    for n_f in (4096, 14336, 1536, 576):
+    for n_f in (4096, 14336, 1536, 576, 28672):  # 28672: 70B's intermediate size (16384 + 8192 + 4096)
         blocks = default_blocks(n_f)
         logs = [b.bit_length() - 1 for b in blocks]
         s_in = torch.randint(0, 2, (n_f,), device="cuda").float() * 2 - 1

@@ -1575,12 +1575,13 @@ __device__ __forceinline__ __nv_bfloat16 store_from_float<__nv_bfloat16>(float v
 
 // Butterflies over registers v[a*g .. a*g+g-1] for every group a (g = 2^m points each), levels
 // ascending: the group's index bits are its points' bits at the current phase.
-__device__ __forceinline__ void group_levels(float (&v)[8], int m) {
+template <int P>
+__device__ __forceinline__ void group_levels(float (&v)[P], int m) {
 #pragma unroll
-  for (int h = 1; h < 8; h *= 2) {
+  for (int h = 1; h < P; h *= 2) {
     if (h < (1 << m)) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
+      for (int e = 0; e < P; ++e)
         if ((e & h) == 0) {
           const float a = v[e], b = v[e + h];
           v[e] = a + b;
@@ -1620,7 +1621,7 @@ __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
         v[e] = load_as_float(x + 8 * q + e);
         if (sg) v[e] *= sg[8 * q + e];
       }
-      group_levels(v, 3);
+      group_levels<8>(v, 3);
 #pragma unroll
       for (int e = 0; e < 8; ++e) buf[8 * q + e] = v[e];
     }
@@ -1661,23 +1662,25 @@ const void* fwht_kernel_for(int dtype, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// FWHT with two shared-memory exchanges (fwht_fast_kernel): blocks of 8..8192 points, aligned data.
+// FWHT with two shared-memory exchanges (fwht_fast_kernel): blocks of 8..16384 points, aligned data.
 //
 // Why: fwht_kernel spends a barrier and a shared-memory round trip per level (9 for 4096 points), and
 // at batch 1 its one CTA per block is pure latency (H200: 5.6 us for 4096 points, 8.5 for 14336).
-// Here a CTA of n/8 threads (one CTA per (row, block), as fwht_kernel) keeps the levels in registers
-// and shuffles: index bits 0-2 of a point are a thread's 8 registers (phase A), bits 3-7 its lane
-// (5 levels by warp shuffles), bits 8-10 registers again after one exchange through shared memory
-// (phase B: a thread takes 8/g columns of g = 2^min(L-8, 3) points 256 apart) and bits 11-12 after a
-// second (phase C, 4096 and 8192 points only). A layout tried earlier with 32 points per lane and one
-// CTA per row was slower than fwht_kernel (4096 points: 8.5 against 5.6 us): too many dependent
-// instructions per warp.
+// Here a CTA of n/P threads (one CTA per (row, block), as fwht_kernel; P = 8 points per thread for
+// blocks up to 8192 points, 16 up to 16384 (70B's 28672 = 16384 + 8192 + 4096); P = 32 for 32768 spilled
+// 80 bytes at 1024 threads, so those blocks keep fwht_kernel) keeps the levels in registers and shuffles:
+// index bits [0, lp) of a point (lp = log2 P) are a thread's registers (phase A), the next 5 its lane
+// (5 levels by warp shuffles), the next lp registers again after one exchange through shared memory
+// (phase B: a thread takes P/g columns of g points 32P apart), the rest after a second (phase C).
+// A layout tried earlier with 32 points per lane and one CTA per *row* was slower than fwht_kernel
+// (4096 points: 8.5 against 5.6 us): too many dependent instructions per warp; here a block of 4096
+// points still gets 512 threads.
 // Numerics are fwht_kernel's exactly (same butterflies, levels in ascending order; a shuffle
 // partner computes a - b as partner - own), so results are bit for bit the same.
-constexpr int kFastMaxLog2 = 13;
+constexpr int kFastMaxLog2 = 14;
 
 template <typename T>
-__device__ __forceinline__ void load8f(const T* p, float (&v)[8]) {
+__device__ __forceinline__ void load8f(const T* p, float* v) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
   const T* h = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -1685,23 +1688,28 @@ __device__ __forceinline__ void load8f(const T* p, float (&v)[8]) {
 }
 
 template <>
-__device__ __forceinline__ void load8f<float>(const float* p, float (&v)[8]) {
+__device__ __forceinline__ void load8f<float>(const float* p, float* v) {
   const float4 a = *reinterpret_cast<const float4*>(p);
   const float4 b = *reinterpret_cast<const float4*>(p + 4);
   v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
   v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-template <typename T>
+template <typename T, int P>
 __global__ void __launch_bounds__(1024) fwht_fast_kernel(const HadamardParams p) {
   extern __shared__ float buf[];
+  constexpr int LP = P == 8 ? 3 : 4;
+  constexpr int LB = LP + 5;   // first bit of phase B
+  constexpr int LC = 2 * LP + 5;  // first bit of phase C
+  static_assert(P == 8 || P == 16, "8 or 16 points per thread");
   pdl_launch_next();
   pdl_wait();  // x may be the previous kernel's output
   const int seg = blockIdx.y;
   const int start = p.seg_start[seg];
   const int lg = p.seg_log2[seg];
   const int n = 1 << lg;
-  const int tpts = n / 8;  // threads holding points
+  const int tpts = n >= P ? n / P : 1;  // threads holding points
+  const int ppt = min(n, P);            // points per such thread
   const int t = threadIdx.x;
   const int lane = t % 32;
   const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_stride + start;
@@ -1715,85 +1723,92 @@ __global__ void __launch_bounds__(1024) fwht_fast_kernel(const HadamardParams p)
     z[i] = store_from_float<T>(v);
   };
 
-  // phase A: 8 consecutive points per thread (bits 0-2), then lanes (bits 3-7)
-  float v[8];
+  // phase A: ppt consecutive points per thread (bits 0..lp-1), then lanes (the next 5 bits)
+  float v[P];
   const bool active = t < tpts;
-  if (active) {
-    load8f<T>(x + 8 * t, v);
-    if (sg) {
-      float s8[8];
-      load8f<float>(sg + 8 * t, s8);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] *= s8[e];
+  for (int k = 0; k < P / 8; ++k) {
+    if (active && 8 * k < ppt) {
+      load8f<T>(x + ppt * t + 8 * k, v + 8 * k);
+      if (sg) {
+        float s8[8];
+        load8f<float>(sg + ppt * t + 8 * k, s8);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[8 * k + e] *= s8[e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[8 * k + e] = 0.f;
     }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = 0.f;
   }
-  group_levels(v, min(lg, 3));
+  group_levels<P>(v, min(lg, LP));
   if (t < ((tpts + 31) & ~31)) {  // warps holding points (all lanes shuffle; idle lanes hold zeros)
 #pragma unroll
     for (int k = 1; k < 32; k *= 2) {
       if (k < tpts) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
+        for (int e = 0; e < P; ++e) {
           const float other = __shfl_xor_sync(0xffffffffu, v[e], k);
           v[e] = (lane & k) ? other - v[e] : v[e] + other;
         }
       }
     }
   }
-  if (lg <= 8) {  // done: no exchange needed (uniform per CTA)
+  if (lg <= LB) {  // done: no exchange needed (uniform per CTA)
     if (active) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) finish(v[e], 8 * t + e);
+      for (int e = 0; e < P; ++e)
+        if (e < ppt) finish(v[e], ppt * t + e);
     }
     return;
   }
-  if (active) {
-    *reinterpret_cast<float4*>(buf + 8 * t) = make_float4(v[0], v[1], v[2], v[3]);
-    *reinterpret_cast<float4*>(buf + 8 * t + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  if (active) {  // here ppt == P
+#pragma unroll
+    for (int e = 0; e < P; e += 4)
+      *reinterpret_cast<float4*>(buf + P * t + e) = make_float4(v[e], v[e + 1], v[e + 2], v[e + 3]);
   }
   __syncthreads();
-  // phase B: bits 8..10; group a of this thread is column (a * tpts + t) % 256, part / 256
-  const int mb = min(lg - 8, 3);
+  // phase B: bits LB..LB+lp-1; group a of this thread is column (a * tpts + t) % 2^LB, part / 2^LB
+  const int mb = min(lg - LB, LP);
   const int gb = 1 << mb;
   auto idx_b = [&](int e) {
     const int grp = (e / gb) * tpts + t;
-    return (grp & 255) + 256 * ((e % gb) + gb * (grp >> 8));
+    return (grp & ((1 << LB) - 1)) + (1 << LB) * ((e % gb) + gb * (grp >> LB));
   };
   if (active) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = buf[idx_b(e)];
-    group_levels(v, mb);
+    for (int e = 0; e < P; ++e) v[e] = buf[idx_b(e)];
+    group_levels<P>(v, mb);
   }
-  if (lg <= 11) {
+  if (lg <= LC) {
     if (active) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) finish(v[e], idx_b(e));
+      for (int e = 0; e < P; ++e) finish(v[e], idx_b(e));
     }
     return;
   }
   if (active) {  // back to the points this thread read (no other thread touches them)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) buf[idx_b(e)] = v[e];
+    for (int e = 0; e < P; ++e) buf[idx_b(e)] = v[e];
   }
   __syncthreads();
-  // phase C: bits 11..12; group a of this thread is column a * tpts + t of 2048, g = 2 or 4 points
-  const int mc = lg - 11;
+  // phase C: bits LC..lg-1; group a of this thread is column a * tpts + t of 2^LC, g points
+  const int mc = lg - LC;
   const int gc = 1 << mc;
-  auto idx_c = [&](int e) { return (e / gc) * tpts + t + 2048 * (e % gc); };
+  auto idx_c = [&](int e) { return (e / gc) * tpts + t + (1 << LC) * (e % gc); };
   if (active) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = buf[idx_c(e)];
-    group_levels(v, mc);
+    for (int e = 0; e < P; ++e) v[e] = buf[idx_c(e)];
+    group_levels<P>(v, mc);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) finish(v[e], idx_c(e));
+    for (int e = 0; e < P; ++e) finish(v[e], idx_c(e));
   }
 }
 
-// Threads of fwht_fast_kernel for these blocks, or 0 where it does not apply (a block of fewer than 8
-// or more than 2^kFastMaxLog2 points, or data not 16-byte aligned).
+// Threads of fwht_fast_kernel for these blocks (points per thread: fwht_fast_points), or 0 where it does
+// not apply (a block of fewer than 8 or more than 2^kFastMaxLog2 points, or data not 16-byte aligned).
+int fwht_fast_points(int max_log) { return max_log <= 13 ? 8 : 16; }
+
 int fwht_fast_threads(const HadamardParams& p) {
   const int esize = p.dtype == 2 ? 4 : 2;
   auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
@@ -1804,10 +1819,17 @@ int fwht_fast_threads(const HadamardParams& p) {
     if (p.seg_log2[s] < 3 || p.seg_log2[s] > kFastMaxLog2 || p.seg_start[s] % 8 != 0) return 0;
     max_log = std::max(max_log, p.seg_log2[s]);
   }
-  return std::max(32, (1 << max_log) / 8);
+  return std::max(32, (1 << max_log) / fwht_fast_points(max_log));
 }
 
 }  // namespace
+
+template <int P>
+const void* fwht_fast_kernel_of(int dtype) {
+  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half, P>)
+         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16, P>)
+                              : reinterpret_cast<const void*>(&fwht_fast_kernel<float, P>);
+}
 
 // FWHTs are programmatic launches only on grids of at most 4 CTAs (batch 1): H200, full 4096x14336
 // linear, FWHT launched that way or not: batch 1 22.8 / 23.4 us, batch 8 32.0 / 26.1, batch 16 43.9 /
@@ -1828,11 +1850,10 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
   const void* fn;
   int threads, smem = static_cast<int>(sizeof(float)) * n;
   if (fast_threads > 0) {
-    fn = p.dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half>)
-         : p.dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16>)
-                                : reinterpret_cast<const void*>(&fwht_fast_kernel<float>);
+    const int pts = fwht_fast_points(max_log);
+    fn = pts == 8 ? fwht_fast_kernel_of<8>(p.dtype) : fwht_fast_kernel_of<16>(p.dtype);
     threads = fast_threads;
-    if (max_log <= 8) smem = 0;  // blocks of <= 256 points never leave registers
+    if (max_log <= 8) smem = 0;  // blocks of <= 256 points never leave registers (any P)
   } else {
     threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
     fn = fwht_kernel_for(p.dtype, threads);
