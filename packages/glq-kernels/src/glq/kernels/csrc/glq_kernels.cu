@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -642,6 +643,34 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
   return acc;
 }
 
+// Prologue of the slice kernels (v4, its row-tile variant, v5) under programmatic launch: let the next
+// kernel start, copy the tables (weights only), then wait for the previous kernel before anything
+// touches x, y or the workspace.
+template <int N16, bool HAS8, int NTHREADS>
+__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p, int rl2) {
+  pdl_launch_next();
+  fill_tables<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), rl2);
+  pdl_wait();
+  __syncthreads();
+}
+
+// Work item `item` of a slice kernel: row block rb (rows row_base.., `rows` per block) and K split ks
+// (slices s_first..s_stop-1).
+struct SliceItem {
+  int rb, ks, row_base, s_first, s_stop;
+};
+
+__device__ __forceinline__ SliceItem slice_item(int item, int row_blocks, int rows, int slices_per_split,
+                                                int n_slices) {
+  SliceItem it;
+  it.rb = item % row_blocks;
+  it.ks = item / row_blocks;
+  it.row_base = it.rb * rows;
+  it.s_first = it.ks * slices_per_split;
+  it.s_stop = min(n_slices, it.s_first + slices_per_split);
+  return it;
+}
+
 // Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, RL2 = log2 of the
 // table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
@@ -670,17 +699,11 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
 
-  pdl_launch_next();
-  fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
-  pdl_wait();  // tables above; x, y and the workspace below
-  __syncthreads();
+  slice_kernel_prologue<N16, HAS8, kGemvThreads>(smem, p, RL2);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int rb = item % row_blocks;
-    const int ks = item / row_blocks;
-    const int row_base = rb * kGemvRows;
-    const int s_first = ks * slices_per_split;
-    const int s_stop = min(n_slices, s_first + slices_per_split);
+    const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
+    const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     // rows of (rt, h = 0) for this lane are row_base + 16 rt + g; the whole item is inside M?
     const bool rows_ok = row_base + kGemvRows <= p.M;
 
@@ -781,17 +804,11 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   const int n_items = row_blocks * ksplit;
 
-  pdl_launch_next();
-  fill_tables<N16, HAS8, kGemvThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
-  pdl_wait();  // tables above; x, y and the workspace below
-  __syncthreads();
+  slice_kernel_prologue<N16, HAS8, kGemvThreads>(smem, p, RL2);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int rb = item % row_blocks;
-    const int ks = item / row_blocks;
-    const int row_base = rb * kGemvRows;
-    const int s_first = ks * slices_per_split;
-    const int s_stop = min(n_slices, s_first + slices_per_split);
+    const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
+    const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     const bool rows_ok = row_base + kGemvRows <= p.M;
     const int row0 = row_base + 16 * rt + g;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -906,18 +923,12 @@ __global__ void __launch_bounds__(kBThreads, 1)
   for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
   const int n_items = row_blocks * ksplit;
 
-  pdl_launch_next();
-  fill_tables<N16, HAS8, kBThreads>(smem, static_cast<const uint4*>(p.tables), RL2);
-  pdl_wait();  // tables above; x, y and the workspace below
-  __syncthreads();
+  slice_kernel_prologue<N16, HAS8, kBThreads>(smem, p, RL2);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int rb = item % row_blocks;
-    const int ks = item / row_blocks;
-    const int row_base = rb * kBRows;
+    const SliceItem it = slice_item(item, row_blocks, kBRows, slices_per_split, n_slices);
+    const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     const int warp_row0 = row_base + wm * kBT * 16;  // row tile rt: warp_row0 + 16 rt + g (+ 8)
-    const int s_first = ks * slices_per_split;
-    const int s_stop = min(n_slices, s_first + slices_per_split);
     const bool rows_ok = warp_row0 + kBT * 16 <= p.M;
 
     float acc[kBT][NT][4];
@@ -1139,8 +1150,9 @@ cudaError_t allow_smem(const void* fn, int smem, int device) {
 // batched, mma) keeps it for those only (for measurements, scripts/pdl_probe.py).
 cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream,
                           const char* kind, bool allowed = true) {
-  static std::mutex mu;
-  static std::map<int, bool> capable;  // device -> compute capability >= 9
+  // per device: 0 unknown, 1 compute capability >= 9, 2 older (no lock on the launch path: eager decoding
+  // launches hundreds of kernels per token)
+  static std::atomic<signed char> capable[64];
   const char* env = std::getenv("GLQ_KERNELS_PDL");
   bool pdl = allowed && (!env || !env[0] || (env[0] == '1' && !env[1]) ||
                          (env[0] != '0' && std::strstr(env, kind) != nullptr));
@@ -1148,15 +1160,15 @@ cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, si
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = capable.find(device);
-    if (it == capable.end()) {
+    signed char known = device < 64 ? capable[device].load(std::memory_order_relaxed) : 0;
+    if (known == 0) {
       int major = 0;
       err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
       if (err != cudaSuccess) return err;
-      it = capable.emplace(device, major >= 9).first;
+      known = major >= 9 ? 1 : 2;
+      if (device < 64) capable[device].store(known, std::memory_order_relaxed);
     }
-    pdl = it->second;
+    pdl = known == 1;
   }
   if (!pdl) return cudaLaunchKernel(fn, grid, block, args, smem, stream);
   cudaLaunchConfig_t cfg = {};
