@@ -427,7 +427,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
         assert y.shape == (b, 24) and y.dtype == dtype
         return x, y, [c[:3] for c in fake.calls]
 
-    assert run(1, torch.bfloat16)[2] == [("fused", 1, 4)]  # small-batch kernel (row-tile steps: small layer)
+    assert run(1, torch.bfloat16)[2] == [("fused", 1, 1)]  # a small layer at 3 bpw, batch 1: the MMA kernel
     assert run(thr, torch.bfloat16)[2] == [("fused", 64, 3)]  # batched kernel, one launch
     for b in (thr + 1, 200, 2048):
         x, y, calls = run(b, torch.float32)
@@ -443,7 +443,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
     monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", thr)
     monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "0")
     assert not ops.uses_dense_path(thr + 1, "cuda")
-    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 4)]
+    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 1)]
     # the Triton backend has no decode kernel (torch ops decoding were 7.5x slower than the chunked
     # kernel on a GPU): dense only when forced with GLQ_KERNELS_DEQUANT=1
     monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
@@ -524,16 +524,19 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
     assert variants(2, 16) == [1]
     monkeypatch.delenv("GLQ_KERNELS_BATCHED")
     assert variants(2, 16) == [3] and variants(3, 64) == [3] and variants(4, 9) == [3]
-    assert variants(2, 8) == [4]  # the small-batch kernels keep batches 1..8 (row-tile steps: a small layer)
+    assert variants(2, 8) == [4]  # batches 1..8 stay on the small-batch kernels (row-tile steps: a small layer)
     assert variants(5, 16) == [1]  # not instantiated past rate 4
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variants(2, 1) == [1] and variants(2, 16) == [3]
 
 
-def test_small_layers_at_rates_3_4_take_the_row_tile_kernel(monkeypatch):
-    """Batches 1..8 on layers of at most 1 M weights at rates 3..4 (at 2 bpw: with at most 1024 inputs)
-    go to variant 4 (row-tile steps); larger layers, other rates and GLQ_KERNELS_ROWTILE=0 keep the
-    small-batch kernel v4 (auto, 0)."""
+def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypatch):
+    """ops.small_batch_variant's rules, through the op: v4 (0) on layers of LARGE_LAYER_WEIGHTS or more;
+    below, the MMA kernel (1) at 5-8 bpw (v4 from batch 3 on layers of MID_LAYER_WEIGHTS or more), the
+    row-tile variant (4) at 2-4 bpw from batch 3; at batches 1-2, 2 bpw: the row-tile variant for short
+    inputs, v4 otherwise; 3-4 bpw: the MMA kernel below MID_LAYER_WEIGHTS, else v4 at 3 bpw and the
+    row-tile variant at 4. GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0
+    everything into the MMA kernel."""
     from glq.kernels import ops
 
     fake = _FakeCuda()
@@ -549,16 +552,27 @@ def test_small_layers_at_rates_3_4_take_the_row_tile_kernel(monkeypatch):
                       list(tables.bits), tables.gain)
         return [c[2] for c in fake.calls]
 
-    assert variant(3, 16, 32) == [4] and variant(4, 24, 64, b=8) == [4] and variant(4, 1024, 1024) == [4]
-    # 2 bpw: only short inputs (576 on SmolLM2), where v4 leaves warps idle
-    assert variant(2, 1536, 576) == [4] and variant(2, 576, 1024) == [4] and variant(2, 576, 1536) == [0]
-    assert variant(2, 4096, 4096) == [0] and variant(5, 16, 32) == [0]
-    assert variant(4, 1024, 1032) == [0]  # 1024 x 1032 > 2^20 weights
+    # the op routes by shape alone: the rules' constants are lowered to these small stand-in layers
+    monkeypatch.setattr(ops, "LARGE_LAYER_WEIGHTS", 64 * 128)
+    monkeypatch.setattr(ops, "MID_LAYER_WEIGHTS", 32 * 128)
+    monkeypatch.setattr(ops, "ROW_TILE_RATE2_MAX_IN", 64)
+    assert variant(2, 64, 128) == [0] and variant(8, 64, 128, b=8) == [0] and variant(3, 96, 128, b=4) == [0]
+    assert variant(5, 24, 64, b=8) == [1] and variant(6, 32, 128, b=2) == [1] and variant(7, 32, 128, b=3) == [0]
+    assert variant(2, 16, 72, b=3) == [4] and variant(4, 24, 64, b=8) == [4] and variant(3, 32, 128, b=5) == [4]
+    assert variant(2, 16, 64) == [4] and variant(2, 16, 72, b=2) == [0]  # 2 bpw, batch 1-2: short inputs only
+    assert variant(3, 16, 32) == [1] and variant(4, 24, 64, b=2) == [1]
+    assert variant(3, 32, 128) == [0] and variant(4, 32, 128, b=2) == [4]
     assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
     monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")
-    assert variant(3, 16, 32) == [0]
+    assert variant(2, 16, 64) == [0] and variant(4, 24, 64, b=8) == [0] and variant(3, 16, 32) == [1]
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
-    assert variant(3, 16, 32) == [1]
+    assert variant(2, 16, 64) == [1] and variant(2, 64, 128, b=8) == [1]
+    # the shipped constants at the measured shapes (out, in)
+    monkeypatch.undo()
+    pick = ops.small_batch_variant
+    assert pick(1, 4096, 4096, 2) == 0 and pick(8, 1024, 4096, 8) == 0 and pick(1, 1024, 4096, 3) == 0
+    assert pick(1, 1024, 4096, 5) == 1 and pick(1, 576, 576, 3) == 1 and pick(1, 576, 1536, 2) == 0
+    assert pick(1, 1536, 576, 2) == pick(8, 576, 576, 3) == pick(1, 1024, 4096, 4) == 4 | ops.PREFER
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):

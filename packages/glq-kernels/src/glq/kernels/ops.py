@@ -41,18 +41,24 @@ DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 # 64, errors equal to the MMA kernel's (BENCHMARKS.md). GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
-# Small layers (at most ROW_TILE_MAX_WEIGHTS weights) at rates 3..4 take the small-batch kernel with
-# (slice, row tile) steps (variant 4), which keeps all 16 warps of a CTA busy where v4 leaves some
-# idle. H200, batch 1, v4 -> variant 4 (BENCHMARKS.md): 4 bpw 1536x576 9.2 -> 6.5 us, 576x576 9.0 ->
-# 6.3, 576x1536 8.0 -> 7.0; 3 bpw 10.7 -> 8.4, 10.5 -> 8.2, 8.8 -> 8.3. It loses on large layers
-# (4096x4096 at 4 bpw 12.3 -> 13.4, 4096x14336 27.7 -> 31.3) and at 2 bpw on 576x1536 (6.2 -> 6.8),
-# so those stay on v4; between 1 M and 16 M weights nothing was measured. GLQ_KERNELS_ROWTILE=0 keeps
-# v4 everywhere. At 2 bpw it wins only where the input is short (v4 deals its few K slices to 16 warps):
-# H200 with programmatic launches, v4 -> variant 4: 1536x576 4.8 -> 4.1 us, 576x576 4.6 -> 4.1, but
-# 576x1536 3.6 -> 4.2 (without them, stop 14: 7.2 -> 6.8, 7.1 -> 6.6, 6.2 -> 6.8).
+# Which kernel takes batches of 1-8 (`small_batch_variant`): the fastest one of v4, its row-tile
+# variant and the MMA kernel, timed on nine layer shapes at rates 2-8 and batches 1, 2 and 8 (H100,
+# programmatic launches, graphs of back-to-back calls; scripts/route_probe.py, tables in
+# notes/kernels.md). Layers of LARGE_LAYER_WEIGHTS or more (an 8B model's 4096x4096 and up) take v4
+# everywhere. On smaller ones v4 pays per-CTA costs (table fill, K slices cut short on the slow path)
+# on too little work; at 5-8 bpw it took 2-2.5x the MMA kernel's time (2560x960 at 8 bpw 21.6 us
+# against 10.1; 576x576 14.7 against 6.5). There, batches of 1-2 take the MMA kernel at 3-8 bpw
+# (576x576 at 3 bpw: 4.3 us against 5.2 for the row-tile variant and 7.1 for v4) and at 2 bpw the
+# row-tile variant where the input is short, v4 otherwise (576x1536: 3.9 against 5.6); batches of
+# 3-8 the row-tile variant at 2-4 bpw (576x576 at 3 bpw, batch 8: 5.6 against 6.6 for the MMA kernel)
+# and the MMA kernel at 5-8 bpw. Layers from MID_LAYER_WEIGHTS (1024x4096, an 8B model's k/v
+# projections) differ: v4 at 3 bpw and batch 1-2 (6.7 us against 7.8), the row-tile variant at 4 bpw
+# (7.0 against 7.4), v4 at 5-8 bpw from batch 3 (batch 8: 14.3 against 20.4 at 8 bpw). A batch-8 rule
+# stands in for batches 3-7, which were not timed. GLQ_KERNELS_ROWTILE=0 turns the row-tile choices
+# into v4, GLQ_KERNELS_GEMV=0 sends every batch of 1-8 to the MMA kernel.
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
-ROW_TILE_RATES = (3, 4)
-ROW_TILE_MAX_WEIGHTS = 1 << 20
+LARGE_LAYER_WEIGHTS = 1 << 23
+MID_LAYER_WEIGHTS = 1 << 22
 ROW_TILE_RATE2_MAX_IN = 1024
 # Added to a kernel variant: that kernel where it can be planned (shared memory, occupancy), else the
 # extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
@@ -64,6 +70,25 @@ _batched_failed: list[str] = []  # likewise for the batched kernel
 
 def _rate(bits: list[int]) -> int:
     return sum(bits) // 8
+
+
+def small_batch_variant(batch: int, out_features: int, in_features: int, rate: int) -> int:
+    """The CUDA kernel variant for a batch of 1-8 rows (rules and measurements above the constants):
+    0 (v4, the extension's own choice), 1 (the MMA kernel) or 4 | PREFER (the row-tile variant)."""
+    v4, mma, row_tile = 0, 1, 4 | PREFER
+    weights = out_features * in_features
+    if weights >= LARGE_LAYER_WEIGHTS:
+        return v4
+    mid = weights >= MID_LAYER_WEIGHTS
+    if rate >= 5:
+        return v4 if mid and batch > 2 else mma
+    if batch > 2:
+        return row_tile
+    if rate == 2:
+        return row_tile if in_features <= ROW_TILE_RATE2_MAX_IN else v4
+    if not mid:
+        return mma
+    return row_tile if rate == 4 else v4
 
 
 def uses_dense_path(batch: int, backend: str = "cuda") -> bool:
@@ -147,19 +172,18 @@ def _matmul_impl(
     if backend == "cuda":
         fn = _cuda_matmul
         rate = _rate(bits)
-        # Batches of 1-8 take the small-batch kernel (v4: 1.3-1.4x faster than the MMA kernel at
-        # batch 1 on an H100, BENCHMARKS.md); GLQ_KERNELS_GEMV=0 forces the MMA kernel (v3) for them.
-        # The switches are read only where they apply (each read is ~1.5 us of host time, and eager
-        # decoding makes hundreds of these calls per token).
-        small_layer = codes[0].shape[0] * x.shape[1] <= ROW_TILE_MAX_WEIGHTS and (
-            rate in ROW_TILE_RATES or (rate == 2 and x.shape[1] <= ROW_TILE_RATE2_MAX_IN))
+        # Batches of 1-8: the kernel small_batch_variant picks; GLQ_KERNELS_GEMV=0 forces the MMA
+        # kernel (v3) for them. The switches are read only where they apply (each read is ~1.5 us of
+        # host time, and eager decoding makes hundreds of these calls per token).
 
         def run(xb: Tensor) -> Tensor:
             if xb.shape[0] <= 8:
                 if not _gemv_failed and os.environ.get(GEMV_ENV, "") != "0":
-                    small = 4 | PREFER if small_layer and os.environ.get(ROW_TILE_ENV, "") != "0" else 0
+                    variant = small_batch_variant(xb.shape[0], codes[0].shape[0], x.shape[1], rate)
+                    if variant == 4 | PREFER and os.environ.get(ROW_TILE_ENV, "") == "0":
+                        variant = 0
                     try:
-                        return fn(xb, codes, tables, row_scale, rate, gain, small)
+                        return fn(xb, codes, tables, row_scale, rate, gain, variant)
                     except RuntimeError as e:  # a launch failure of the new kernel: fall back
                         _gemv_failed.append(str(e))
                         _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")

@@ -1214,12 +1214,21 @@ int realised_split(int n, int s) {
   return (n + per - 1) / per;
 }
 
+// Cost terms of a planner that the kernels' measurements set (SplitCost, plan_slices).
+struct SplitCost {
+  // An SM's throughput in slices: an item costs at least sm_load * slices / parts steps, whatever its
+  // warps' share (0: the busiest warp's steps alone decide).
+  double sm_load;
+  double split;  // the workspace pass of a split item, in steps
+};
+
 // Shared planner of the small-batch and batched kernels: work items are row blocks of `rows` rows x
 // K splits, `parts` warps of a CTA split an item's slices. In auto mode (ksplit <= 0) the cost in
-// warp steps is rounds of items x the busiest warp's slices, plus the per-item cross-warp reduction
-// (~half a step) and, with splits, the workspace pass; the smallest split reaching the best cost wins.
+// warp steps is rounds of items x the item's steps (its busiest warp's slices, or the SM's throughput),
+// plus the per-item cross-warp reduction (~half a step) and, with splits, the workspace pass; the
+// smallest split reaching the best cost wins.
 int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int rep, int kernel, int B, int M,
-                int K, int ksplit, int device, MatmulPlan* plan) {
+                int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3}) {
   int per_sm = 0, sms = 0;
   const cudaError_t err = occupancy(fn, threads, smem, device, &per_sm, &sms);
   if (err != cudaSuccess) return err;
@@ -1237,7 +1246,8 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
       const int items = row_blocks * s;
       const int waves = (items + slots - 1) / slots;
       const int steps = (sps + parts - 1) / parts;
-      const double cost = waves * (steps + 0.5) + (s > 1 ? 0.3 + 0.02 * s * B : 0.0);
+      const double item = std::max(static_cast<double>(steps), cost_of.sm_load * sps / parts);
+      const double cost = waves * (item + 0.5) + (s > 1 ? cost_of.split + 0.02 * s * B : 0.0);
       if (cost < best - 1e-9) {
         best = cost;
         ksplit = s;
@@ -1263,8 +1273,13 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, 
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   const int rep = 1 << k.rl2;
   const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
+  // Fitted to v4's times for every forced split on eight layer shapes at 2-4 bpw (H100, batch 1,
+  // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
+  // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
+  // less in steps of the slower higher rates (so 4096x4096 wants 1 split at 2 bpw and 2 at 4 bpw).
+  const SplitCost cost_of{1.5, 1.8 * 2.0 / rate};
   return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, rep, kKernelGemv, B, M, K, ksplit,
-                     device, plan);
+                     device, plan, cost_of);
 }
 
 // Plan of variant 4: items as v4's, kRtStride column parts; a step is one slice x one row tile.

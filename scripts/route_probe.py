@@ -1,0 +1,83 @@
+# ruff: noqa: B023 -- every closure here is timed inside the loop iteration that defines it.
+"""Which small-batch kernel is fastest per layer shape, rate and batch: times the MMA kernel (v3),
+v4 and its row-tile variant (rates 2-4) forced, the public matmul (ops.py's routing) and bf16 cuBLAS,
+fp16, graph replays of back-to-back calls as in the benchmark; then v4's split counts on the mid-size
+layers. Usage on a GPU machine: scripts/gpu_run.sh python3 scripts/route_probe.py [--small] [--batches 1 2 8]
+(--small: only the layers below ops.LARGE_LAYER_WEIGHTS, which are all v4's above it)."""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from glq.kernels import dequantize, matmul, ops
+from glq.kernels.benchmark import SHAPES, make_sets, n_sets_for, time_graph
+from glq.kernels.testing import exact_matmul, lowp_reference_error, rel_error
+
+VARIANTS = {"v3": 1, "v4": 2, "row-tile": 4}
+
+
+def bf16_us(out_f: int, in_f: int, batch: int) -> float:
+    n = n_sets_for(out_f * in_f * 2)
+    ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.float16) for _ in range(n)]
+    x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+    return time_graph(lambda i: F.linear(x, ws[i]), n, replays=20) * 1e6
+
+
+def main() -> None:
+    from glq.kernels._build import load_extension
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+    shapes = [s for s in SHAPES if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
+    ok, why = load_extension()
+    if not ok:
+        raise SystemExit(f"CUDA C backend unavailable: {why}")
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    print("| out x in | batch | rate | v3 us | v4 us | row-tile us | matmul (routed) us | fp16 cuBLAS us | "
+          "worst err/ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        for batch in args.batches:
+            base = bf16_us(out_f, in_f, batch)
+            for rate in range(2, 9):
+                n, layers, tables = make_sets(rate, out_f, in_f, batch)
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                tab = tables.table(x.dtype, x.device)
+                w = dequantize(layers[0][0], tables, layers[0][2])
+                exact = exact_matmul(x, w)
+                ref_err = lowp_reference_error(x, w, exact)
+                cells, worst = [], 0.0
+                for name, v in VARIANTS.items():
+                    if name == "row-tile" and rate > 4:
+                        cells.append("-")
+                        continue
+
+                    def call(i, v=v):
+                        return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, v)
+
+                    worst = max(worst, rel_error(call(0), exact) / ref_err)
+                    cells.append(f"{time_graph(call, n, replays=20) * 1e6:.1f}")
+                worst = max(worst, rel_error(matmul(x, layers[0][0], tables, layers[0][2]), exact) / ref_err)
+                routed = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=20) * 1e6
+                print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
+                      + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
+                layers = w = None
+    print("\n| out x in | rate | v4 ksplit asked -> planned | us |\n|---|---|---|---|")
+    for out_f, in_f in [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)]:
+        for rate in (2, 3, 4, 6, 8):
+            n, layers, tables = make_sets(rate, out_f, in_f, 1)
+            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
+            tab = tables.table(x.dtype, x.device)
+            for ks in (0, 1, 2, 4):
+                plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, 2)
+                t = time_graph(lambda i: torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate,
+                                                                   tables.gain, 0, ks, 2), n, replays=20)
+                print(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} | {t * 1e6:.1f} |", flush=True)
+            layers = None
+
+
+if __name__ == "__main__":
+    main()
