@@ -30,12 +30,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--small-splits", action="store_true",
+                    help="only the split counts of the MMA kernel and the row-tile variant on small layers")
     args = ap.parse_args()
     shapes = [s for s in SHAPES if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
     ok, why = load_extension()
     if not ok:
         raise SystemExit(f"CUDA C backend unavailable: {why}")
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    if args.small_splits:
+        small = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2560, 960)]
+        split_sweep(1, small, (2, 3, 4, 6, 8), (0, 1, 2, 3))
+        split_sweep(4, small, (2, 3, 4), (0, 1, 2, 3))
+        return
     print("| out x in | batch | rate | v3 us | v4 us | row-tile us | matmul (routed) us | fp16 cuBLAS us | "
           "worst err/ref |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -65,16 +72,21 @@ def main() -> None:
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
                       + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
                 layers = w = None
-    print("\n| out x in | rate | v4 ksplit asked -> planned | us |\n|---|---|---|---|")
-    for out_f, in_f in [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)]:
-        for rate in (2, 3, 4, 6, 8):
+    split_sweep(2, [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)], (2, 3, 4, 6, 8), (0, 1, 2, 4))
+
+
+def split_sweep(variant: int, shapes, rates, splits) -> None:
+    """Batch-1 time of kernel `variant` (1 MMA, 2 v4, 4 row-tile) at each forced K split (0: its planner's)."""
+    print(f"\n| out x in | rate | variant {variant} ksplit asked -> planned | us |\n|---|---|---|---|")
+    for out_f, in_f in shapes:
+        for rate in rates:
             n, layers, tables = make_sets(rate, out_f, in_f, 1)
             x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
             tab = tables.table(x.dtype, x.device)
-            for ks in (0, 1, 2, 4):
-                plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, 2)
+            for ks in splits:
+                plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, variant)
                 t = time_graph(lambda i: torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate,
-                                                                   tables.gain, 0, ks, 2), n, replays=20)
+                                                                   tables.gain, 0, ks, variant), n, replays=20)
                 print(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} | {t * 1e6:.1f} |", flush=True)
             layers = None
 
