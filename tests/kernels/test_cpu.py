@@ -427,7 +427,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
         assert y.shape == (b, 24) and y.dtype == dtype
         return x, y, [c[:3] for c in fake.calls]
 
-    assert run(1, torch.bfloat16)[2] == [("fused", 1, 1)]  # a small layer at 3 bpw, batch 1: the MMA kernel
+    assert run(1, torch.bfloat16)[2] == [("fused", 1, 4)]  # a small layer with a short input: row-tile steps
     assert run(thr, torch.bfloat16)[2] == [("fused", 64, 3)]  # batched kernel, one launch
     for b in (thr + 1, 200, 2048):
         x, y, calls = run(b, torch.float32)
@@ -443,7 +443,7 @@ def test_large_batches_take_the_dense_path(monkeypatch):
     monkeypatch.setattr(ops, "DENSE_BATCH_THRESHOLD", thr)
     monkeypatch.setenv("GLQ_KERNELS_DEQUANT", "0")
     assert not ops.uses_dense_path(thr + 1, "cuda")
-    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 1)]
+    assert run(thr + 1, torch.float16, torch.float16)[2] == [("fused", 64, 3), ("fused", 1, 4)]
     # the Triton backend has no decode kernel (torch ops decoding were 7.5x slower than the chunked
     # kernel on a GPU): dense only when forced with GLQ_KERNELS_DEQUANT=1
     monkeypatch.delenv("GLQ_KERNELS_DEQUANT")
@@ -532,11 +532,11 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
 
 def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypatch):
     """ops.small_batch_variant's rules, through the op: v4 (0) on layers of LARGE_LAYER_WEIGHTS or more;
-    below, the MMA kernel (1) at 5-8 bpw (v4 from batch 3 on layers of MID_LAYER_WEIGHTS or more), the
-    row-tile variant (4) at 2-4 bpw from batch 3; at batches 1-2, 2 bpw: the row-tile variant for short
-    inputs, v4 otherwise; 3-4 bpw: the MMA kernel below MID_LAYER_WEIGHTS, else v4 at 3 bpw and the
-    row-tile variant at 4. GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0
-    everything into the MMA kernel."""
+    below, the MMA kernel (1) at 5-8 bpw (v4 from batch 3 on layers of MID_LAYER_WEIGHTS or more); at
+    2-4 bpw the row-tile variant (4) for short inputs and from batch 3, else v4 at 2 bpw, the MMA
+    kernel at 3-4 bpw below MID_LAYER_WEIGHTS, v4 at 3 and the row-tile variant at 4 bpw above.
+    GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0 everything into the
+    MMA kernel."""
     from glq.kernels import ops
 
     fake = _FakeCuda()
@@ -555,24 +555,26 @@ def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypa
     # the op routes by shape alone: the rules' constants are lowered to these small stand-in layers
     monkeypatch.setattr(ops, "LARGE_LAYER_WEIGHTS", 64 * 128)
     monkeypatch.setattr(ops, "MID_LAYER_WEIGHTS", 32 * 128)
-    monkeypatch.setattr(ops, "ROW_TILE_RATE2_MAX_IN", 64)
+    monkeypatch.setattr(ops, "ROW_TILE_MAX_IN", 64)
     assert variant(2, 64, 128) == [0] and variant(8, 64, 128, b=8) == [0] and variant(3, 96, 128, b=4) == [0]
     assert variant(5, 24, 64, b=8) == [1] and variant(6, 32, 128, b=2) == [1] and variant(7, 32, 128, b=3) == [0]
-    assert variant(2, 16, 72, b=3) == [4] and variant(4, 24, 64, b=8) == [4] and variant(3, 32, 128, b=5) == [4]
-    assert variant(2, 16, 64) == [4] and variant(2, 16, 72, b=2) == [0]  # 2 bpw, batch 1-2: short inputs only
-    assert variant(3, 16, 32) == [1] and variant(4, 24, 64, b=2) == [1]
-    assert variant(3, 32, 128) == [0] and variant(4, 32, 128, b=2) == [4]
+    assert variant(2, 16, 64) == [4] and variant(3, 16, 32) == [4] and variant(4, 24, 64, b=2) == [4]
+    assert variant(2, 16, 72, b=3) == [4] and variant(4, 24, 72, b=8) == [4] and variant(3, 32, 128, b=5) == [4]
+    assert variant(2, 16, 72) == [0] and variant(3, 16, 72, b=2) == [1] and variant(4, 16, 72) == [1]
+    assert variant(2, 32, 128) == [0] and variant(3, 32, 128) == [0] and variant(4, 32, 128, b=2) == [4]
     assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
     monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")
-    assert variant(2, 16, 64) == [0] and variant(4, 24, 64, b=8) == [0] and variant(3, 16, 32) == [1]
+    assert variant(2, 16, 64) == [0] and variant(4, 24, 64, b=8) == [0] and variant(3, 16, 72) == [1]
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variant(2, 16, 64) == [1] and variant(2, 64, 128, b=8) == [1]
     # the shipped constants at the measured shapes (out, in)
     monkeypatch.undo()
     pick = ops.small_batch_variant
     assert pick(1, 4096, 4096, 2) == 0 and pick(8, 1024, 4096, 8) == 0 and pick(1, 1024, 4096, 3) == 0
-    assert pick(1, 1024, 4096, 5) == 1 and pick(1, 576, 576, 3) == 1 and pick(1, 576, 1536, 2) == 0
-    assert pick(1, 1536, 576, 2) == pick(8, 576, 576, 3) == pick(1, 1024, 4096, 4) == 4 | ops.PREFER
+    assert pick(1, 1024, 4096, 5) == pick(1, 576, 1536, 4) == pick(2, 576, 576, 6) == 1
+    assert pick(1, 576, 1536, 2) == 0
+    row_tile = 4 | ops.PREFER
+    assert pick(1, 1536, 576, 2) == pick(1, 576, 576, 3) == pick(8, 576, 1536, 3) == pick(1, 1024, 4096, 4) == row_tile
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):

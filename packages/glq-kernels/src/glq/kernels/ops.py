@@ -42,24 +42,25 @@ DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
 # Which kernel takes batches of 1-8 (`small_batch_variant`): the fastest one of v4, its row-tile
-# variant and the MMA kernel, timed on nine layer shapes at rates 2-8 and batches 1, 2 and 8 (H100,
-# programmatic launches, graphs of back-to-back calls; scripts/route_probe.py, tables in
-# notes/kernels.md). Layers of LARGE_LAYER_WEIGHTS or more (an 8B model's 4096x4096 and up) take v4
-# everywhere. On smaller ones v4 pays per-CTA costs (table fill, K slices cut short on the slow path)
-# on too little work; at 5-8 bpw it took 2-2.5x the MMA kernel's time (2560x960 at 8 bpw 21.6 us
-# against 10.1; 576x576 14.7 against 6.5). There, batches of 1-2 take the MMA kernel at 3-8 bpw
-# (576x576 at 3 bpw: 4.3 us against 5.2 for the row-tile variant and 7.1 for v4) and at 2 bpw the
-# row-tile variant where the input is short, v4 otherwise (576x1536: 3.9 against 5.6); batches of
-# 3-8 the row-tile variant at 2-4 bpw (576x576 at 3 bpw, batch 8: 5.6 against 6.6 for the MMA kernel)
-# and the MMA kernel at 5-8 bpw. Layers from MID_LAYER_WEIGHTS (1024x4096, an 8B model's k/v
-# projections) differ: v4 at 3 bpw and batch 1-2 (6.7 us against 7.8), the row-tile variant at 4 bpw
-# (7.0 against 7.4), v4 at 5-8 bpw from batch 3 (batch 8: 14.3 against 20.4 at 8 bpw). A batch-8 rule
-# stands in for batches 3-7, which were not timed. GLQ_KERNELS_ROWTILE=0 turns the row-tile choices
-# into v4, GLQ_KERNELS_GEMV=0 sends every batch of 1-8 to the MMA kernel.
+# variant and the MMA kernel, timed on nine layer shapes at rates 2-8 and batches 1, 2 and 8, and at
+# every split count on the small layers (H100, programmatic launches, graphs of back-to-back calls;
+# scripts/route_probe.py, tables in notes/kernels.md). Layers of LARGE_LAYER_WEIGHTS or more (an 8B
+# model's 4096x4096 and up) take v4 everywhere. On smaller ones v4 pays per-CTA costs (table fill,
+# K slices cut short on the slow path) on too little work; at 5-8 bpw it took 2-2.5x the MMA kernel's
+# time (2560x960 at 8 bpw 21.6 us against 10.1; 576x576 14.7 against 6.5), so the MMA kernel takes
+# 5-8 bpw there. At 2-4 bpw the row-tile variant takes short inputs (at most ROW_TILE_MAX_IN, every
+# SmolLM2 projection but the down one) and batches of 3-8: 576x576 at batch 1, unsplit, 3.5 / 4.3 /
+# 4.5 us at 2 / 3 / 4 bpw against the MMA kernel's 4.7 / 4.3 / 4.7 and v4's 4.7 / 7.1 / 7.5. Longer
+# inputs at batch 1-2 take v4 at 2 bpw (576x1536: 3.9 against 4.4) and the MMA kernel at 3-4 (4.8 /
+# 5.2 against 5.0 / 5.5). Layers from MID_LAYER_WEIGHTS (1024x4096, an 8B model's k/v projections)
+# differ: v4 at 3 bpw (6.7 against 7.8), the row-tile variant at 4 bpw (7.0 against 7.4), and v4 at
+# 5-8 bpw from batch 3 (batch 8, 8 bpw: 14.3 against 20.4). A batch-8 rule stands in for batches 3-7,
+# which were not timed. GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0
+# sends every batch of 1-8 to the MMA kernel.
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
 LARGE_LAYER_WEIGHTS = 1 << 23
 MID_LAYER_WEIGHTS = 1 << 22
-ROW_TILE_RATE2_MAX_IN = 1024
+ROW_TILE_MAX_IN = 1024
 # Added to a kernel variant: that kernel where it can be planned (shared memory, occupancy), else the
 # extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
 # extension crash the process on some machines; notes/kernels.md).
@@ -82,10 +83,10 @@ def small_batch_variant(batch: int, out_features: int, in_features: int, rate: i
     mid = weights >= MID_LAYER_WEIGHTS
     if rate >= 5:
         return v4 if mid and batch > 2 else mma
-    if batch > 2:
+    if batch > 2 or in_features <= ROW_TILE_MAX_IN:
         return row_tile
     if rate == 2:
-        return row_tile if in_features <= ROW_TILE_RATE2_MAX_IN else v4
+        return v4
     if not mid:
         return mma
     return row_tile if rate == 4 else v4

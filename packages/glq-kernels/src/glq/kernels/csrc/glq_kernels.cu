@@ -1289,8 +1289,13 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   const int rep = 1 << k.rl2;
   const int smem = table_entries(rate) * 16 * rep + kRtStride * kGemvRows * B * 4;
+  // Its steps are balanced over all 16 warps already, so no SM term; a split's workspace pass costs
+  // ~1.8 steps at every rate. Fitted to its forced splits at 2-4 bpw (H100, batch 1, route_probe.py
+  // --small-splits): 576x576, 192x576, 1536x576 and 2560x960 are fastest unsplit (576x576 at 2 bpw
+  // 3.5 us against 4.5 for the old plan's two splits), 576x1536 with three splits.
+  const SplitCost cost_of{1.0, 1.8};
   return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kRtStride, rep, kKernelGemvRt, B, M, K, ksplit,
-                     device, plan);
+                     device, plan, cost_of);
 }
 
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
