@@ -331,7 +331,8 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
                 var.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) | {t * 1e6:.1f} |")
             layers = None  # free the weight copies before the next shape
     print("\n".join(var), flush=True)
-    # variant 4 (row-tile steps, rates 2-4, opt-in) against v4 at batch 1 and 4, each with its auto split
+    # variant 4 (row-tile steps, rates 2-4; ops.small_batch_variant picks it for short inputs and batches 3-8)
+    # against v4 at batch 1 and 4, each with its auto split
     rts = ["| out x in | batch | rate | v4 us | row-tile steps us | its err/ref | its plan (ksplit, grid) |",
            "|---|---|---|---|---|---|---|"]
     for out_f, in_f in [*SHAPES[:3], *small]:
