@@ -287,13 +287,32 @@ def _nvcc():
     return next((c for c in cand if c and os.path.exists(c)), None)
 
 
+def test_split_compilation_only_where_nvcc_offers_it(tmp_path):
+    """The build adds --split-compile=0 only when the toolkit's nvcc lists it; an nvcc that cannot run
+    reads as offering nothing (no exception: the build then fails with its own message)."""
+    from glq.kernels._build import SPLIT_COMPILE, cuda_flags, nvcc_options
+
+    assert cuda_flags("90", split_compile=True) == [*cuda_flags("90"), "--split-compile=0"]
+    assert not any(f.startswith(SPLIT_COMPILE) for f in cuda_flags("90"))
+    assert nvcc_options(str(tmp_path / "no-such-nvcc")) == ""
+    if _nvcc() is not None:  # a real nvcc: CUDA 13's lists the option
+        version = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout
+        release = re.search(r"release (\d+)\.", version)
+        if release and int(release.group(1)) >= 13:
+            assert SPLIT_COMPILE in nvcc_options(_nvcc())
+
+
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_cuda_sources_compile(tmp_path):
     """The torch-free .cu compiles for sm_90 (to PTX: the C++ and device-code checks without the
     minute of ptxas)."""
+    from glq.kernels._build import SPLIT_COMPILE, nvcc_options
+
     src = resources.files("glq.kernels") / "csrc" / "glq_kernels.cu"
     out = tmp_path / "glq_kernels.ptx"
     cmd = [_nvcc(), "-std=c++17", "-O3", "-arch=compute_90", "--ptx", str(src), "-o", str(out)]
+    if SPLIT_COMPILE in nvcc_options(_nvcc()):  # as the extension build does (and faster here)
+        cmd.append(f"{SPLIT_COMPILE}=0")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ptx = out.read_text()

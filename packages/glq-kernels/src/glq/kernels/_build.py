@@ -3,7 +3,9 @@
 The sources are ``csrc/glq_kernels.cu`` (torch-free) and ``csrc/binding.cpp`` (torch/library.h).
 They are compiled for the local GPU's architecture only, into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``), under a name that hashes the sources and flags, so an edited source
-rebuilds and an unchanged one loads in about a second.
+rebuilds and an unchanged one loads in about a second. Where nvcc offers it, the one .cu file is
+compiled with ``--split-compile=0`` (its optimizer runs on every CPU core): 41.6 -> 26.9 s on a 2-core
+machine, with every kernel's SASS unchanged (compared with cuobjdump); more cores gain more.
 
 Environment:
     GLQ_KERNELS_NO_BUILD=1   never compile; the CUDA backend is then unavailable (logged once).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
 import threading
 from importlib import resources
 
@@ -32,14 +35,27 @@ def _sources() -> list[str]:
     return [str(root / "glq_kernels.cu"), str(root / "binding.cpp")]
 
 
-def cuda_flags(arch: str) -> list[str]:
-    """nvcc flags for compute capability ``arch`` (e.g. ``"90"``)."""
-    return [
+SPLIT_COMPILE = "--split-compile"
+
+
+def nvcc_options(nvcc: str) -> str:
+    """``nvcc --help`` of the toolkit's compiler ("" if it cannot run): which options it knows."""
+    try:
+        return subprocess.run([nvcc, "--help"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cuda_flags(arch: str, split_compile: bool = False) -> list[str]:
+    """nvcc flags for compute capability ``arch`` (e.g. ``"90"``); ``split_compile`` runs the device
+    optimizer on every CPU core (older nvcc releases lack the option)."""
+    flags = [
         "-O3",
         "-std=c++17",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         "-lineinfo",
     ]
+    return [*flags, f"{SPLIT_COMPILE}=0"] if split_compile else flags
 
 
 def load_extension() -> tuple[bool, str]:
@@ -74,7 +90,8 @@ def _load() -> tuple[bool, str]:
     if major < 8:
         return False, f"compute capability {major}.{minor} < 8.0 (mma.m16n8k16 bf16 needs sm_80)"
     arch = f"{major}{minor}"
-    flags = cuda_flags(arch)
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    flags = cuda_flags(arch, split_compile=SPLIT_COMPILE in nvcc_options(nvcc))
     srcs = _sources()
     h = hashlib.sha256()
     for path in [*srcs, os.path.join(os.path.dirname(srcs[0]), "glq_kernels.h")]:
