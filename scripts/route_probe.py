@@ -8,20 +8,12 @@ layers. Usage on a GPU machine: scripts/gpu_run.sh python3 scripts/route_probe.p
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from glq.kernels import dequantize, matmul, ops
-from glq.kernels.benchmark import SHAPES, make_sets, n_sets_for, time_graph
+from glq.kernels.benchmark import SHAPES, bench_bf16, make_sets, split_rows, time_graph
 from glq.kernels.testing import exact_matmul, lowp_reference_error, rel_error
 
 VARIANTS = {"v3": 1, "v4": 2, "row-tile": 4}
-
-
-def bf16_us(out_f: int, in_f: int, batch: int) -> float:
-    n = n_sets_for(out_f * in_f * 2)
-    ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.float16) for _ in range(n)]
-    x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-    return time_graph(lambda i: F.linear(x, ws[i]), n, replays=20) * 1e6
 
 
 def main() -> None:
@@ -40,15 +32,16 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     if args.small_splits:
         small = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2560, 960)]
-        split_sweep(1, small, (2, 3, 4, 6, 8), (0, 1, 2, 3))
-        split_sweep(4, small, (2, 3, 4), (0, 1, 2, 3))
+        for variant, rates in ((1, (2, 3, 4, 6, 8)), (4, (2, 3, 4))):
+            print()
+            split_rows(variant, small, rates, (0, 1, 2, 3))
         return
     print("| out x in | batch | rate | v3 us | v4 us | row-tile us | matmul (routed) us | fp16 cuBLAS us | "
           "worst err/ref |")
     print("|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
         for batch in args.batches:
-            base = bf16_us(out_f, in_f, batch)
+            base = bench_bf16(out_f, in_f, batch, torch.float16, replays=20) * 1e6
             for rate in range(2, 9):
                 n, layers, tables = make_sets(rate, out_f, in_f, batch)
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
@@ -72,23 +65,8 @@ def main() -> None:
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
                       + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
                 layers = w = None
-    split_sweep(2, [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)], (2, 3, 4, 6, 8), (0, 1, 2, 4))
-
-
-def split_sweep(variant: int, shapes, rates, splits) -> None:
-    """Batch-1 time of kernel `variant` (1 MMA, 2 v4, 4 row-tile) at each forced K split (0: its planner's)."""
-    print(f"\n| out x in | rate | variant {variant} ksplit asked -> planned | us |\n|---|---|---|---|")
-    for out_f, in_f in shapes:
-        for rate in rates:
-            n, layers, tables = make_sets(rate, out_f, in_f, 1)
-            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
-            tab = tables.table(x.dtype, x.device)
-            for ks in splits:
-                plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, variant)
-                t = time_graph(lambda i: torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate,
-                                                                   tables.gain, 0, ks, variant), n, replays=20)
-                print(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} | {t * 1e6:.1f} |", flush=True)
-            layers = None
+    print()
+    split_rows(2, [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)], (2, 3, 4, 6, 8), (0, 1, 2, 4))
 
 
 if __name__ == "__main__":

@@ -78,12 +78,13 @@ def n_sets_for(bytes_per_set: int) -> int:
     return int(min(64, max(2, math.ceil(3 * _l2_bytes() / max(bytes_per_set, 1)))))
 
 
-def bench_bf16(out_f: int, in_f: int, batch: int) -> float:
+def bench_bf16(out_f: int, in_f: int, batch: int, dtype: torch.dtype = torch.bfloat16, replays: int = 30) -> float:
+    """Seconds per cuBLAS ``F.linear`` of that shape in ``dtype`` (bf16 by default: the baseline)."""
     nbytes = out_f * in_f * 2
     n = n_sets_for(nbytes)
-    ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
-    x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
-    return time_graph(lambda i: F.linear(x, ws[i]), n)
+    ws = [torch.randn(out_f, in_f, device="cuda", dtype=dtype) for _ in range(n)]
+    x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+    return time_graph(lambda i: F.linear(x, ws[i]), n, replays=replays)
 
 
 def glq_bytes(rate: int, out_f: int, in_f: int, batch: int) -> int:
@@ -156,6 +157,36 @@ def prefill_rows(smoke: bool) -> list[str]:
             layers = None
             torch.cuda.empty_cache()
     return out
+
+
+def split_rows(variant: int, shapes, rates, splits, replays: int = 20) -> list[str]:
+    """Markdown rows: batch-1 time (fp16) of matmul kernel ``variant`` (1 MMA, 2 v4, 4 row-tile) at each
+    forced K split (0: its planner's choice), with the split and grid it planned."""
+    rows = [f"| out x in | rate | variant {variant}: ksplit asked -> planned (grid) | us |", "|---|---|---|---|"]
+    print("\n".join(rows), flush=True)
+    for out_f, in_f in shapes:
+        for rate in rates:
+            n, layers, tables = make_sets(rate, out_f, in_f, 1)
+            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
+            tab = tables.table(x.dtype, x.device)
+            for ks in splits:
+                try:
+                    t = time_graph(
+                        lambda i, ks=ks: torch.ops.glq_cuda.matmul(
+                            x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, ks, variant
+                        ),
+                        n,
+                        replays=replays,
+                    )
+                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, variant)
+                except RuntimeError as e:
+                    rows.append(f"| {out_f}x{in_f} | {rate} | {ks} | failed: {e} |")
+                else:
+                    rows.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) "
+                                f"| {t * 1e6:.1f} |")
+                print(rows[-1], flush=True)
+            layers = None  # free the weight copies before the next shape
+    return rows
 
 
 def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str]:
@@ -308,29 +339,8 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
     # split-K of the small-batch kernel (v4, the batch-1 default), rate 2 and 4, batch 1: the auto
     # plan (ksplit 0) against forced splits, to tune the planner's cost model. The small SmolLM2
     # shapes (where launch and reduction latency dominate) in --smoke too.
-    var = ["| out x in | rate | ksplit asked -> planned (grid) | us |", "|---|---|---|---|"]
     small = [(576, 1536), (1536, 576), (576, 576)]
-    for out_f, in_f in small if smoke else [*SHAPES[:3], *small]:
-        for rate in (2, 4):
-            n, layers, tables = make_sets(rate, out_f, in_f, 1)
-            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
-            tab = tables.table(x.dtype, x.device)
-            for ks in (0, 1, 2, 4, 8, 16):
-                try:
-                    t = time_graph(
-                        lambda i, ks=ks: torch.ops.glq_cuda.matmul(
-                            x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, ks, 2
-                        ),
-                        n,
-                        replays=10,
-                    )
-                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, 2)
-                except RuntimeError as e:
-                    var.append(f"| {out_f}x{in_f} | {rate} | {ks} | failed: {e} |")
-                    continue
-                var.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) | {t * 1e6:.1f} |")
-            layers = None  # free the weight copies before the next shape
-    print("\n".join(var), flush=True)
+    var = split_rows(2, small if smoke else [*SHAPES[:3], *small], (2, 4), (0, 1, 2, 4, 8, 16), replays=10)
     # variant 4 (row-tile steps, rates 2-4; ops.small_batch_variant picks it for short inputs and batches 3-8)
     # against v4 at batch 1 and 4, each with its auto split
     rts = ["| out x in | batch | rate | v4 us | row-tile steps us | its err/ref | its plan (ksplit, grid) |",

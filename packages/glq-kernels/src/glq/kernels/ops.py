@@ -65,6 +65,7 @@ ROW_TILE_MAX_IN = 1024
 # extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
 # extension crash the process on some machines; notes/kernels.md).
 PREFER = 16
+ROW_TILE_VARIANT = 4 | PREFER  # what small_batch_variant returns for the row-tile variant
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 _batched_failed: list[str] = []  # likewise for the batched kernel
 
@@ -76,7 +77,7 @@ def _rate(bits: list[int]) -> int:
 def small_batch_variant(batch: int, out_features: int, in_features: int, rate: int) -> int:
     """The CUDA kernel variant for a batch of 1-8 rows (rules and measurements above the constants):
     0 (v4, the extension's own choice), 1 (the MMA kernel) or 4 | PREFER (the row-tile variant)."""
-    v4, mma, row_tile = 0, 1, 4 | PREFER
+    v4, mma, row_tile = 0, 1, ROW_TILE_VARIANT
     weights = out_features * in_features
     if weights >= LARGE_LAYER_WEIGHTS:
         return v4
@@ -181,7 +182,7 @@ def _matmul_impl(
             if xb.shape[0] <= 8:
                 if not _gemv_failed and os.environ.get(GEMV_ENV, "") != "0":
                     variant = small_batch_variant(xb.shape[0], codes[0].shape[0], x.shape[1], rate)
-                    if variant == 4 | PREFER and os.environ.get(ROW_TILE_ENV, "") == "0":
+                    if variant == ROW_TILE_VARIANT and os.environ.get(ROW_TILE_ENV, "") == "0":
                         variant = 0
                     try:
                         return fn(xb, codes, tables, row_scale, rate, gain, variant)
