@@ -3,6 +3,7 @@
 v4 and its row-tile variant (rates 2-4) forced, the public matmul (ops.py's routing) and bf16 cuBLAS,
 fp16, graph replays of back-to-back calls as in the benchmark; then v4's split counts on the mid-size
 layers. Usage on a GPU machine: scripts/gpu_run.sh python3 scripts/route_probe.py [--small] [--batches 1 2 8]
+[--shapes 4096x14336 576x576] [--rates 2 4] [--no-splits] [--copies]
 (--small: only the layers below ops.LARGE_LAYER_WEIGHTS, which are all v4's above it)."""
 
 import argparse
@@ -24,12 +25,21 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--small-splits", action="store_true",
                     help="only the split counts of the MMA kernel and the row-tile variant on small layers")
+    ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN layer shapes (default: the benchmark's)")
+    ap.add_argument("--rates", type=int, nargs="+", default=list(range(2, 9)))
+    ap.add_argument("--no-splits", action="store_true", help="skip v4's split table at the end")
+    ap.add_argument("--copies", action="store_true",
+                    help="only v4 with 4 against 8 table copies at rates 4-5 (--shapes, --batches)")
     args = ap.parse_args()
-    shapes = [s for s in SHAPES if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    shapes = [s for s in shapes if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
     ok, why = load_extension()
     if not ok:
         raise SystemExit(f"CUDA C backend unavailable: {why}")
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    if args.copies:
+        copies_rows(shapes, args.batches)
+        return
     if args.small_splits:
         small = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2560, 960)]
         for variant, rates in ((1, (2, 3, 4, 6, 8)), (4, (2, 3, 4))):
@@ -42,7 +52,7 @@ def main() -> None:
     for out_f, in_f in shapes:
         for batch in args.batches:
             base = bench_bf16(out_f, in_f, batch, torch.float16, replays=20) * 1e6
-            for rate in range(2, 9):
+            for rate in args.rates:
                 n, layers, tables = make_sets(rate, out_f, in_f, batch)
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
                 tab = tables.table(x.dtype, x.device)
@@ -51,7 +61,7 @@ def main() -> None:
                 ref_err = lowp_reference_error(x, w, exact)
                 cells, worst = [], 0.0
                 for name, v in VARIANTS.items():
-                    if name == "row-tile" and rate > 4:
+                    if (name == "row-tile" and rate > 4) or (name != "v3" and batch > 8):
                         cells.append("-")
                         continue
 
@@ -65,8 +75,33 @@ def main() -> None:
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
                       + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
                 layers = w = None
+    if args.no_splits:
+        return
     print()
     split_rows(2, [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)], (2, 3, 4, 6, 8), (0, 1, 2, 4))
+
+
+def copies_rows(shapes, batches) -> None:
+    """v4 forced with 4 and with 8 table copies (rates 4-5), against the plan's own choice."""
+    print("| out x in | batch | rate | 4 copies us | 8 copies us | plan's copies |")
+    print("|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        for batch in batches:
+            for rate in (4, 5):
+                n, layers, tables = make_sets(rate, out_f, in_f, batch)
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                tab = tables.table(x.dtype, x.device)
+                cells = []
+                for rep in (4, 8):
+
+                    def call(i, rep=rep):
+                        codes, _, row_scale = layers[i]
+                        return torch.ops.glq_cuda.matmul(x, codes, tab, row_scale, rate, tables.gain, rep, 0, 2)
+
+                    cells.append(f"{time_graph(call, n, replays=20) * 1e6:.1f}")
+                plan = torch.ops.glq_cuda.matmul_plan(batch, out_f, in_f, rate, 0, 0, 0, 0, 2)
+                print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells) + f" | {plan[4]} |", flush=True)
+                layers = None
 
 
 if __name__ == "__main__":

@@ -285,6 +285,27 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
 
 
+@pytest.mark.parametrize("rate", [4, 5], ids=lambda r: f"r{r}")
+def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
+    """At rates 4-5 the small-batch kernel holds 8 or 4 table copies (8 from kWideTableWeights weights
+    on): the copies only move lookups between banks, so both give the same bits, at awkward shapes,
+    batches and splits; and the plan picks 8 on a large layer, 4 on a smaller one."""
+    for out_f, in_f in [(960, 2688), (24, 24), (4096, 8 * 1001)]:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=7, device="cuda")
+        for b in (1, 5, 8):
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                table = tables.table(dtype, x.device)
+                for ks in (0, 3):
+                    y4, y8 = (
+                        torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, rep, ks, 2)
+                        for rep in (4, 8)
+                    )
+                    assert torch.equal(y4, y8), (out_f, in_f, b, dtype, ks)
+    assert torch.ops.glq_cuda.matmul_plan(1, 4096, 14336, rate, 0, 0, 0, 0, 0)[4] == 8
+    assert torch.ops.glq_cuda.matmul_plan(1, 4096, 4096, rate, 0, 0, 0, 0, 0)[4] == 4
+
+
 @pytest.mark.parametrize("rate", [2, 3, 4], ids=lambda r: f"r{r}")
 def test_row_tile_step_kernel_matches_reference_and_repeats(cuda_ext, rate):
     """Variant 4 (small-batch kernel with (slice, row tile) steps, opt-in) matches the reference at

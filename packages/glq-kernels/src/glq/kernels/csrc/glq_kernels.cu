@@ -1055,24 +1055,32 @@ struct GemvInfo {
   int rl2;
 };
 
-template <typename T, int N16, bool HAS8>
+// 8 table copies for one 16-bit stage, 4 otherwise (and 8 for two stages on large layers, below).
+// 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
+// rate (tried; see notes). Code ring 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
+template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2)>
 GemvInfo gemv_info() {
-  // 8 table copies for one 16-bit stage, 4 otherwise. 128 registers (one CTA of 16 warps per
-  // SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every rate (tried; see notes). Code ring
-  // 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
-  constexpr int RL2 = N16 == 1 ? 3 : 2;
   constexpr int MINB = 1;
   constexpr int NB = N16 == 1 ? 4 : 2;
   return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB>), RL2};
 }
 
+// Two 16-bit stages (rates 4, 5) on layers of at least this many weights get 8 table copies (128 or
+// 160 KiB of shared memory) instead of 4: every lookup conflict-free. Measured (H200, batch 1-8, v4,
+// notes/kernels.md stop 17): 4096x14336 and 14336x4096 7-13% faster at 4 bpw and 18-20% at 5 bpw, but
+// 4096x4096 11% slower at 4 bpw (the larger table fill does not pay off over fewer codes per CTA), and
+// three stages with 8 copies (192 KiB) slower on every layer.
+constexpr long long kWideTableWeights = 1LL << 25;
+
+// v4 for `rate` with `rep` table copies where the rate offers a choice (8 or 4 at rates 4-5; any
+// other rep there, and every rep at the other rates, gives the rate's fixed copies).
 template <typename T>
-GemvInfo pick_gemv_rate(int rate) {
+GemvInfo pick_gemv_rate(int rate, int rep) {
   switch (rate) {
     case 2: return gemv_info<T, 1, false>();
     case 3: return gemv_info<T, 1, true>();
-    case 4: return gemv_info<T, 2, false>();
-    case 5: return gemv_info<T, 2, true>();
+    case 4: return rep == 8 ? gemv_info<T, 2, false, 3>() : gemv_info<T, 2, false>();
+    case 5: return rep == 8 ? gemv_info<T, 2, true, 3>() : gemv_info<T, 2, true>();
     case 6: return gemv_info<T, 3, false>();
     case 7: return gemv_info<T, 3, true>();
     case 8: return gemv_info<T, 4, false>();
@@ -1080,8 +1088,8 @@ GemvInfo pick_gemv_rate(int rate) {
   }
 }
 
-GemvInfo pick_gemv(int rate, int dtype) {
-  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate) : pick_gemv_rate<__nv_bfloat16>(rate);
+GemvInfo pick_gemv(int rate, int dtype, int rep) {
+  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, rep) : pick_gemv_rate<__nv_bfloat16>(rate, rep);
 }
 
 // Variant 4 (row-tile steps): rates 2-4, the same table copies and ring depths as v4.
@@ -1267,18 +1275,27 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 // A step is one slice x kGemvT row tiles of a warp.
-int gemv_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
+// rep: 8 or 4 picks the table copies at rates 4-5 (anything else: 8 on layers of at least
+// kWideTableWeights weights where shared memory allows, else 4).
+int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
-  const GemvInfo k = pick_gemv(rate, dtype);
+  if ((rate == 4 || rate == 5) && rep != 4 && rep != 8) {
+    if (static_cast<long long>(M) * K >= kWideTableWeights &&
+        gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess)
+      return cudaSuccess;
+    cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
+    rep = 4;
+  }
+  const GemvInfo k = pick_gemv(rate, dtype, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int rep = 1 << k.rl2;
-  const int smem = table_entries(rate) * 16 * rep + kGemvWarps * kGemvRows * B * 4;
+  const int copies = 1 << k.rl2;
+  const int smem = table_entries(rate) * 16 * copies + kGemvWarps * kGemvRows * B * 4;
   // Fitted to v4's times for every forced split on eight layer shapes at 2-4 bpw (H100, batch 1,
   // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
   // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
   // less in steps of the slower higher rates (so 4096x4096 wants 1 split at 2 bpw and 2 at 4 bpw).
   const SplitCost cost_of{1.5, 1.8 * 2.0 / rate};
-  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, rep, kKernelGemv, B, M, K, ksplit,
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, copies, kKernelGemv, B, M, K, ksplit,
                      device, plan, cost_of);
 }
 
@@ -1367,12 +1384,12 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
     cudaGetLastError();  // clear an error left by a failed attribute call
     variant = kKernelAuto;
   }
-  if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, ksplit, device, plan);
+  if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, rep, ksplit, device, plan);
   if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelGemvRt) return gemv_rt_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
     // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
-    if (gemv_plan(B, M, K, rate, dtype, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
+    if (gemv_plan(B, M, K, rate, dtype, 0, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
     cudaGetLastError();  // clear a sticky-free error left by a failed attribute call
   }
   if (variant != kKernelAuto && variant != kKernelMma) return cudaErrorInvalidValue;
@@ -1381,7 +1398,7 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
   if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvRt) {
-    const GemvInfo k = plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype) : pick_gemv_rt(p.rate, p.dtype);
+    const GemvInfo k = plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype, plan.rep) : pick_gemv_rt(p.rate, p.dtype);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
