@@ -320,17 +320,19 @@ def test_cuda_sources_compile(tmp_path):
     for rate in range(2, 9):  # the small-batch kernel (v4) at every rate: <T, N16, HAS8, RL2, MINB, NB>
         n16, has8 = rate // 2, rate % 2
         rl2, nb = (3, 4) if n16 == 1 else (2, 2)
-        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}EEEv" in ptx, rate
+        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}ELi0EEEv" in ptx, rate
         if n16 == 2:  # rates 4-5 also with 8 table copies, for layers of >= kWideTableWeights weights
-            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2EEEv" in ptx, rate
+            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0EEEv" in ptx, rate
+        if rate in (6, 7):  # also with 8 copies of the first two 16-bit stages
+            assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2EEEv" in ptx, rate
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 4 (8 copies at rates 4-5), row-tile 6, batched 18,
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 8 (8 copies at rates 4-7), row-tile 6, batched 18,
     # FWHT 3 x 3 and 3 x 2
-    assert len(pdl) == 42 + 18 + 6 + 18 + 9 + 6, len(pdl)
+    assert len(pdl) == 42 + 22 + 6 + 18 + 9 + 6, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]

@@ -604,19 +604,33 @@ __device__ __forceinline__ void load_x_fragments(uint4 (&xf)[4], const T* xrow, 
   }
 }
 
+// Shared-memory layout of a slice kernel's tables: 16-bit stage s holds its 512 entries with
+// 2^rl2(s) copies each (8 for the first WIDE stages, 2^RL2 for the others), then the 8-bit stage
+// holds 256 entries with 2^RL2 copies. WIDE = 0: every stage has 2^RL2 copies.
+template <int N16, bool HAS8, int RL2, int WIDE>
+struct SliceTables {
+  static __host__ __device__ constexpr int rl2(int s) { return s < WIDE ? 3 : RL2; }
+  // byte offset of 16-bit stage s; s = N16: of the 8-bit stage
+  static __host__ __device__ constexpr int offset(int s) {
+    return s < WIDE ? s * (512 * 16 << 3) : WIDE * (512 * 16 << 3) + (s - WIDE) * (512 * 16 << RL2);
+  }
+  static __host__ __device__ constexpr int bytes() { return offset(N16) + (HAS8 ? 256 * 16 << RL2 : 0); }
+};
+
 // Decoded weights (4 words of 2 fp16/bf16, coordinates 0..7) of code i (0..3) of row h.
-// tab: this lane's table copy (shared memory base + (lane % REP) * 16 bytes).
-template <typename T, int N16, bool HAS8, int RL2>
+// tab: this lane's table copy (shared memory base + (lane % 2^RL2) * 16 bytes); tab8: its copy in
+// the stages with 8 copies (base + (lane % 8) * 16; only read when WIDE > 0).
+template <typename T, int N16, bool HAS8, int RL2, int WIDE = 0>
 __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, int h, int i,
-                                             const char* tab) {
-  constexpr int kShift = 3 - RL2;
-  constexpr int kStageBytes = 512 * 16 << RL2;
+                                             const char* tab, const char* tab8 = nullptr) {
+  using L = SliceTables<N16, HAS8, RL2, WIDE>;
   uint4 acc = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int s = 0; s < N16; ++s) {
     const uint32_t w = (i < 2) ? cc.c16[s][h].x : cc.c16[s][h].y;
     const uint32_t c = (i & 1) ? (w >> 16) : (w & 0xFFFFu);
-    uint4 v = *reinterpret_cast<const uint4*>(tab + s * kStageBytes + ((c & 0xFF80u) >> kShift));
+    const char* base = (s < WIDE ? tab8 : tab) + L::offset(s);
+    uint4 v = *reinterpret_cast<const uint4*>(base + ((c & 0xFF80u) >> (3 - L::rl2(s))));
     const uint32_t lo = c & 127u;
     const uint32_t par = static_cast<uint32_t>(__popc(lo)) << 31;
     v.x ^= (lo * 0x40008000u) & 0x80008000u;
@@ -634,7 +648,7 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
   }
   if constexpr (HAS8) {
     const uint32_t c = (cc.c8[h] >> (8 * i)) & 0xFFu;
-    const uint4 v = *reinterpret_cast<const uint4*>(tab + N16 * kStageBytes + ((c << 7) >> kShift));
+    const uint4 v = *reinterpret_cast<const uint4*>(tab + L::offset(N16) + ((c << 7) >> (3 - RL2)));
     acc.x = TypeOps<T>::add2(acc.x, v.x);
     acc.y = TypeOps<T>::add2(acc.y, v.y);
     acc.z = TypeOps<T>::add2(acc.z, v.z);
@@ -646,10 +660,33 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
 // Prologue of the slice kernels (v4, its row-tile variant, v5) under programmatic launch: let the next
 // kernel start, copy the tables (weights only), then wait for the previous kernel before anything
 // touches x, y or the workspace.
-template <int N16, bool HAS8, int NTHREADS>
-__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p, int rl2) {
+template <int N16, bool HAS8, int NTHREADS, int RL2, int WIDE = 0>
+__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p) {
   pdl_launch_next();
-  fill_tables<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), rl2);
+  if constexpr (WIDE == 0) {
+    fill_tables<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), RL2);
+  } else {  // fill_tables with SliceTables' per-stage copies
+    using L = SliceTables<N16, HAS8, RL2, WIDE>;
+    const uint4* __restrict__ tg = static_cast<const uint4*>(p.tables);
+    constexpr int entries = N16 * 512 + (HAS8 ? 256 : 0);
+    constexpr int per_thread = (entries + NTHREADS - 1) / NTHREADS;
+    uint4 v[per_thread];
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const int e = threadIdx.x + k * NTHREADS;
+      if (e < entries) v[k] = tg[e];
+    }
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const int e = threadIdx.x + k * NTHREADS;
+      if (e < entries) {
+        const int s = min(e / 512, N16);
+        const int r = s < N16 ? L::rl2(s) : RL2;
+        uint4* dst = smem + L::offset(s) / 16 + ((e - 512 * s) << r);
+        for (int c = 0; c < (1 << r); ++c) dst[c] = v[k];
+      }
+    }
+  }
   pdl_wait();
   __syncthreads();
 }
@@ -674,14 +711,15 @@ __device__ __forceinline__ SliceItem slice_item(int item, int row_blocks, int ro
 // Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, RL2 = log2 of the
 // table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
+// WIDE: the first WIDE 16-bit stages hold 8 table copies (SliceTables).
 // Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
-template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB>
+template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0>
 __global__ void __launch_bounds__(kGemvThreads, MINB)
     glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
-  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  constexpr int kTabBytes = SliceTables<N16, HAS8, RL2, WIDE>::bytes();
   float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
   const int G = p.K / 8;
   const int B = p.B;
@@ -690,6 +728,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   const int g = lane / 4;
   const int t = lane % 4;
   const char* tab = reinterpret_cast<const char*>(smem) + (lane & (REP - 1)) * 16;
+  const char* tab8 = reinterpret_cast<const char*>(smem) + (lane & 7) * 16;
   const int n_slices = (G + kSliceGroups - 1) / kSliceGroups;
   const int slices_per_split = (n_slices + ksplit - 1) / ksplit;
   const bool vec = (G % 4) == 0;
@@ -699,7 +738,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
 
-  slice_kernel_prologue<N16, HAS8, kGemvThreads>(smem, p, RL2);
+  slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
@@ -743,8 +782,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         const SliceCodes<N16, HAS8>& cur = ring[rt % NB];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(cur, 0, i, tab);  // row g
-          const uint4 wb = gemv_decode<T, N16, HAS8, RL2>(cur, 1, i, tab);  // row g + 8
+          const uint4 wa = gemv_decode<T, N16, HAS8, RL2, WIDE>(cur, 0, i, tab, tab8);  // row g
+          const uint4 wb = gemv_decode<T, N16, HAS8, RL2, WIDE>(cur, 1, i, tab, tab8);  // row g + 8
           TypeOps<T>::mma(acc[rt], wa.x, wb.x, wa.y, wb.y, xf[i].x, xf[i].y);
           TypeOps<T>::mma(acc[rt], wa.z, wb.z, wa.w, wb.w, xf[i].z, xf[i].w);
         }
@@ -804,7 +843,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   const int n_items = row_blocks * ksplit;
 
-  slice_kernel_prologue<N16, HAS8, kGemvThreads>(smem, p, RL2);
+  slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2>(smem, p);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
@@ -923,7 +962,7 @@ __global__ void __launch_bounds__(kBThreads, 1)
   for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
   const int n_items = row_blocks * ksplit;
 
-  slice_kernel_prologue<N16, HAS8, kBThreads>(smem, p, RL2);
+  slice_kernel_prologue<N16, HAS8, kBThreads, RL2>(smem, p);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const SliceItem it = slice_item(item, row_blocks, kBRows, slices_per_split, n_slices);
@@ -1053,27 +1092,36 @@ int table_entries(int rate) { return (rate / 2) * 512 + (rate % 2) * 256; }
 struct GemvInfo {
   const void* fn;
   int rl2;
+  int copies;       // table copies a caller asks for to get this kernel (plan.rep); 0: 2^rl2
+  int table_bytes;  // shared memory of its tables; 0: table_entries * 16 * 2^rl2
 };
 
 // 8 table copies for one 16-bit stage, 4 otherwise (and 8 for two stages on large layers, below).
 // 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
 // rate (tried; see notes). Code ring 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
-template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2)>
+template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0>
 GemvInfo gemv_info() {
   constexpr int MINB = 1;
   constexpr int NB = N16 == 1 ? 4 : 2;
-  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB>), RL2};
+  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE>), RL2,
+          WIDE > 0 || RL2 == 3 ? 8 : 1 << RL2, SliceTables<N16, HAS8, RL2, WIDE>::bytes()};
 }
 
-// Two 16-bit stages (rates 4, 5) on layers of at least this many weights get 8 table copies (128 or
-// 160 KiB of shared memory) instead of 4: every lookup conflict-free. Measured (H200, batch 1-8, v4,
-// notes/kernels.md stop 17): 4096x14336 and 14336x4096 7-13% faster at 4 bpw and 18-20% at 5 bpw, but
-// 4096x4096 11% slower at 4 bpw (the larger table fill does not pay off over fewer codes per CTA), and
-// three stages with 8 copies (192 KiB) slower on every layer.
+// Rates 4-7 on layers of at least kWideTableWeights weights hold 8 copies of their first two 16-bit
+// stage tables instead of 4 (rates 4-5: RL2 = 3, every table; 6-7: SliceTables' WIDE = 2): those
+// lookups become conflict-free. The kernel
+// is bound by its shared-memory lookups there: measured (H200, batch 1 and 8, v4, notes/kernels.md
+// stop 17) 4096x14336 and 14336x4096 are 7-13% faster at 4 bpw, 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch
+// 1), and the 70B shapes 12-30%; but 4096x4096 loses 4-11% (the larger table fill does not pay off over
+// fewer codes per CTA). Only while the CTA's dynamic shared memory stays within kWideMaxSmem: beyond
+// it (rate 8 at any batch, rate 7 at batch 8) the driver's 228 KiB carve-out leaves 28 KiB of L1 for x
+// and every such case measured 4-19% slower.
 constexpr long long kWideTableWeights = 1LL << 25;
+constexpr int kWideMaxSmem = 192 * 1024;
 
-// v4 for `rate` with `rep` table copies where the rate offers a choice (8 or 4 at rates 4-5; any
-// other rep there, and every rep at the other rates, gives the rate's fixed copies).
+// v4 for `rate` with `rep` table copies where the rate offers a choice (rep 8 at rates 4-7: 8 copies
+// of the first two 16-bit stages; anything else, and every rep at rates 2, 3 and 8, gives the rate's
+// fixed copies).
 template <typename T>
 GemvInfo pick_gemv_rate(int rate, int rep) {
   switch (rate) {
@@ -1081,8 +1129,8 @@ GemvInfo pick_gemv_rate(int rate, int rep) {
     case 3: return gemv_info<T, 1, true>();
     case 4: return rep == 8 ? gemv_info<T, 2, false, 3>() : gemv_info<T, 2, false>();
     case 5: return rep == 8 ? gemv_info<T, 2, true, 3>() : gemv_info<T, 2, true>();
-    case 6: return gemv_info<T, 3, false>();
-    case 7: return gemv_info<T, 3, true>();
+    case 6: return rep == 8 ? gemv_info<T, 3, false, 2, 2>() : gemv_info<T, 3, false>();
+    case 7: return rep == 8 ? gemv_info<T, 3, true, 2, 2>() : gemv_info<T, 3, true>();
     case 8: return gemv_info<T, 4, false>();
     default: return {nullptr, 0};
   }
@@ -1275,12 +1323,14 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 // A step is one slice x kGemvT row tiles of a warp.
-// rep: 8 or 4 picks the table copies at rates 4-5 (anything else: 8 on layers of at least
-// kWideTableWeights weights where shared memory allows, else 4).
+// rep: 8 or 4 picks the table copies at rates 4-7 (anything else: 8 on layers of at least
+// kWideTableWeights weights within kWideMaxSmem, else 4).
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
-  if ((rate == 4 || rate == 5) && rep != 4 && rep != 8) {
+  if (rate >= 4 && rate <= 7 && rep != 4 && rep != 8) {
+    const GemvInfo wide = pick_gemv(rate, dtype, 8);
     if (static_cast<long long>(M) * K >= kWideTableWeights &&
+        wide.table_bytes + kGemvWarps * kGemvRows * B * 4 <= kWideMaxSmem &&
         gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess)
       return cudaSuccess;
     cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
@@ -1288,8 +1338,8 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
   }
   const GemvInfo k = pick_gemv(rate, dtype, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int copies = 1 << k.rl2;
-  const int smem = table_entries(rate) * 16 * copies + kGemvWarps * kGemvRows * B * 4;
+  const int copies = k.copies;
+  const int smem = k.table_bytes + kGemvWarps * kGemvRows * B * 4;
   // Fitted to v4's times for every forced split on eight layer shapes at 2-4 bpw (H100, batch 1,
   // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
   // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
