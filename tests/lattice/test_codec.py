@@ -294,6 +294,46 @@ def test_3bpw_encode_is_nearest_of_all_codes():
     assert bool((err <= bf + tol).all()), (err - bf).max()
 
 
+def test_4bpw_nearest_is_nearest_of_all_codes():
+    # encode(x, nearest=True) at 4 bpw is exact nearest over all 2^32 codes (Codec._ball_search):
+    # brute force over the 65,536 stage-1 codewords, each with the exact nearest second-stage
+    # codeword of its residual (that stage's own search is checked against brute force above).
+    c = codec(4)
+    x = with_outliers(12, 5)
+    x[1::4] *= 0.3  # short vectors: the second stage's choice matters most
+    err = ((x - c.decode(c.encode(x, nearest=True))) ** 2).sum(1)
+    cw1 = c.scales[0] * all_codewords(c.stages[0])  # (65536, 8), as decode scales it
+    bf = []
+    for xi in x:
+        b = c.stages[1].nearest((xi - cw1) / c.scales[1])
+        bf.append(((xi - (cw1 + c.scales[1] * c.stages[1].decode(b))) ** 2).sum(1).min())
+    assert torch.equal(err, torch.stack(bf))  # decode's own operations: the same float, not just close
+
+
+def test_4bpw_nearest_beats_the_beam_and_round_trips():
+    c = codec(4)
+    x = gauss(400, 23)
+    beam = ((x - c.decode(c.encode(x))) ** 2).sum(1)
+    best = ((x - c.decode(c.encode(x, nearest=True))) ** 2).sum(1)
+    assert bool((best <= beam).all())
+    assert int((best < beam).sum()) >= 4  # ~3.4% of Gaussian rows (notes/lattice.md): the search is not idle
+    # a decoded point, even of a uniformly random code, comes back bit for bit
+    g = torch.Generator().manual_seed(3)
+    codes = tuple(torch.randint(-32768, 32768, (300,), generator=g).to(torch.int16) for _ in range(2))
+    y = c.decode(codes)
+    assert torch.equal(c.decode(c.encode(y, nearest=True)), y)
+
+
+def test_nearest_is_refused_where_no_exact_search_exists():
+    x = gauss(5, 1)
+    for bpw in (2, 3):
+        c = codec(bpw)
+        assert all(torch.equal(u, v) for u, v in zip(c.encode(x, nearest=True), c.encode(x), strict=True))
+    for bpw in (5, 8):
+        with pytest.raises(ValueError, match=f"available at \\[2, 3, 4\\] bpw, not {bpw}"):
+            codec(bpw).encode(x, nearest=True)
+
+
 @pytest.mark.parametrize("k", [8, 64])
 def test_candidates_bound_is_valid(k):
     st = codec(2).stages[0]
@@ -396,6 +436,17 @@ def test_bad_beam():
 
 
 # -- CUDA --------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_4bpw_nearest_matches_cpu():
+    # both are exact nearest: the same minimal errors (up to the order of an 8-term float sum)
+    c = codec(4)
+    x = with_outliers(600, 41)
+    cpu = ((x - c.decode(c.encode(x, nearest=True))) ** 2).sum(1)
+    gpu = ((x - c.decode(tuple(t.cpu() for t in c.encode(x.cuda(), nearest=True)))) ** 2).sum(1)
+    assert torch.allclose(gpu, cpu, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bpw", RATES, ids=RATE_IDS)
