@@ -557,8 +557,9 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
 def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypatch):
     """ops.small_batch_variant's rules, through the op: v4 (0) on layers of LARGE_LAYER_WEIGHTS or more;
     below, the MMA kernel (1) at 5-8 bpw (v4 from batch 3 on layers of MID_LAYER_WEIGHTS or more); at
-    2-4 bpw the row-tile variant (4) for short inputs and from batch 3, else v4 at 2 bpw, the MMA
-    kernel at 3-4 bpw below MID_LAYER_WEIGHTS, v4 at 3 and the row-tile variant at 4 bpw above.
+    2-4 bpw the row-tile variant (4) for short inputs; longer ones from batch 3 the row-tile variant
+    from MID_LAYER_WEIGHTS and at 3 bpw, else v4 at 2 bpw and the MMA kernel at 4; at batch 1-2 v4 at
+    2 bpw, the MMA kernel at 3-4 bpw below MID_LAYER_WEIGHTS, v4 at 3 and the row-tile variant at 4 bpw above.
     GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0 everything into the
     MMA kernel."""
     from glq.kernels import ops
@@ -583,7 +584,8 @@ def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypa
     assert variant(2, 64, 128) == [0] and variant(8, 64, 128, b=8) == [0] and variant(3, 96, 128, b=4) == [0]
     assert variant(5, 24, 64, b=8) == [1] and variant(6, 32, 128, b=2) == [1] and variant(7, 32, 128, b=3) == [0]
     assert variant(2, 16, 64) == [4] and variant(3, 16, 32) == [4] and variant(4, 24, 64, b=2) == [4]
-    assert variant(2, 16, 72, b=3) == [4] and variant(4, 24, 72, b=8) == [4] and variant(3, 32, 128, b=5) == [4]
+    assert variant(2, 16, 72, b=3) == [0] and variant(4, 24, 72, b=8) == [1] and variant(3, 32, 128, b=5) == [4]
+    assert variant(3, 16, 72, b=4) == [4] and variant(2, 32, 128, b=4) == [4] and variant(4, 32, 128, b=8) == [4]
     assert variant(2, 16, 72) == [0] and variant(3, 16, 72, b=2) == [1] and variant(4, 16, 72) == [1]
     assert variant(2, 32, 128) == [0] and variant(3, 32, 128) == [0] and variant(4, 32, 128, b=2) == [4]
     assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
@@ -599,6 +601,7 @@ def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypa
     assert pick(1, 576, 1536, 2) == 0
     row_tile = 4 | ops.PREFER
     assert pick(1, 1536, 576, 2) == pick(1, 576, 576, 3) == pick(8, 576, 1536, 3) == pick(1, 1024, 4096, 4) == row_tile
+    assert pick(4, 576, 1536, 2) == 0 and pick(4, 576, 1536, 4) == 1 and pick(8, 1024, 4096, 2) == row_tile
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):
