@@ -260,11 +260,11 @@ __device__ __forceinline__ uint4 decode(const ChunkCodes<N16, HAS8, R>& cc, int 
   return acc;
 }
 
-// Tables into shared memory: entry e (stage-major) goes to slots e*REP .. e*REP+REP-1. All of a
-// thread's global loads are issued before its stores, so the fill costs one L2 round trip.
-template <int N16, bool HAS8, int NTHREADS = kThreads>
-__device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict__ tg,
-                                            int rep_log2) {
+// Tables into shared memory: entry e (stage-major) goes to its slots_of(e) = {first slot, log2 of its
+// copies} (contiguous slots). All of a thread's global loads are issued before its stores, so the fill
+// costs one L2 round trip.
+template <int N16, bool HAS8, int NTHREADS, typename SlotsOf>
+__device__ __forceinline__ void fill_tables_as(uint4* smem, const uint4* __restrict__ tg, SlotsOf slots_of) {
   constexpr int entries = N16 * 512 + (HAS8 ? 256 : 0);
   constexpr int per_thread = (entries + NTHREADS - 1) / NTHREADS;
   uint4 v[per_thread];
@@ -273,13 +273,20 @@ __device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict
     const int e = threadIdx.x + k * NTHREADS;
     if (e < entries) v[k] = tg[e];
   }
-  const int rep = 1 << rep_log2;
 #pragma unroll
   for (int k = 0; k < per_thread; ++k) {
     const int e = threadIdx.x + k * NTHREADS;
-    if (e < entries)
-      for (int r = 0; r < rep; ++r) smem[(e << rep_log2) + r] = v[k];
+    if (e < entries) {
+      const int2 sl = slots_of(e);
+      for (int r = 0; r < (1 << sl.y); ++r) smem[sl.x + r] = v[k];
+    }
   }
+}
+
+// Every entry with 2^rep_log2 copies: entry e at slots e*REP .. e*REP+REP-1.
+template <int N16, bool HAS8, int NTHREADS = kThreads>
+__device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict__ tg, int rep_log2) {
+  fill_tables_as<N16, HAS8, NTHREADS>(smem, tg, [rep_log2](int e) { return make_int2(e << rep_log2, rep_log2); });
 }
 
 // Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, NT n-tiles of 8 batch
@@ -665,27 +672,13 @@ __device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulP
   pdl_launch_next();
   if constexpr (WIDE == 0) {
     fill_tables<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), RL2);
-  } else {  // fill_tables with SliceTables' per-stage copies
+  } else {  // SliceTables' per-stage copies
     using L = SliceTables<N16, HAS8, RL2, WIDE>;
-    const uint4* __restrict__ tg = static_cast<const uint4*>(p.tables);
-    constexpr int entries = N16 * 512 + (HAS8 ? 256 : 0);
-    constexpr int per_thread = (entries + NTHREADS - 1) / NTHREADS;
-    uint4 v[per_thread];
-#pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const int e = threadIdx.x + k * NTHREADS;
-      if (e < entries) v[k] = tg[e];
-    }
-#pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const int e = threadIdx.x + k * NTHREADS;
-      if (e < entries) {
-        const int s = min(e / 512, N16);
-        const int r = s < N16 ? L::rl2(s) : RL2;
-        uint4* dst = smem + L::offset(s) / 16 + ((e - 512 * s) << r);
-        for (int c = 0; c < (1 << r); ++c) dst[c] = v[k];
-      }
-    }
+    fill_tables_as<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), [](int e) {
+      const int s = min(e / 512, N16);  // stage; N16: the 8-bit stage
+      const int r = s < N16 ? L::rl2(s) : RL2;
+      return make_int2(L::offset(s) / 16 + ((e - 512 * s) << r), r);
+    });
   }
   pdl_wait();
   __syncthreads();
