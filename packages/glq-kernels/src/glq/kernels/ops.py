@@ -41,26 +41,23 @@ DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 # 64, errors equal to the MMA kernel's (BENCHMARKS.md). GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
-# Which kernel takes batches of 1-8 (`small_batch_variant`): the fastest one of v4, its row-tile
-# variant and the MMA kernel, timed on nine layer shapes at rates 2-8 and batches 1, 2 and 8, and at
-# every split count on the small layers (H100, programmatic launches, graphs of back-to-back calls;
-# scripts/route_probe.py, tables in notes/kernels.md). Layers of LARGE_LAYER_WEIGHTS or more (an 8B
-# model's 4096x4096 and up) take v4 everywhere. On smaller ones v4 pays per-CTA costs (table fill,
-# K slices cut short on the slow path) on too little work; at 5-8 bpw it took 2-2.5x the MMA kernel's
-# time (2560x960 at 8 bpw 21.6 us against 10.1; 576x576 14.7 against 6.5), so the MMA kernel takes
-# 5-8 bpw there. At 2-4 bpw the row-tile variant takes short inputs (at most ROW_TILE_MAX_IN, every
-# SmolLM2 projection but the down one) and, on longer inputs, batches of 3-8 at 3 bpw (and at every
-# rate from MID_LAYER_WEIGHTS): 576x576 at batch 1, unsplit, 3.5 / 4.3 / 4.5 us at 2 / 3 / 4 bpw
-# against the MMA kernel's 4.7 / 4.3 / 4.7 and v4's 4.7 / 7.1 / 7.5. Longer inputs at batch 1-2 take
-# v4 at 2 bpw (576x1536: 3.9 against 4.4) and the MMA kernel at 3-4 (4.8 /
-# 5.2 against 5.0 / 5.5). Layers from MID_LAYER_WEIGHTS (1024x4096, an 8B model's k/v projections)
-# differ: v4 at 3 bpw (6.7 against 7.8), the row-tile variant at 4 bpw (7.0 against 7.4), and v4 at
-# 5-8 bpw from batch 3 (batch 8, 8 bpw: 14.3 against 20.4). Batches 2, 4 and 8 of the small layers
-# (H100, stop 17; H200 agrees) moved one case: longer inputs below MID_LAYER_WEIGHTS at batches 3-8
-# take v4 at 2 bpw (576x1536, batch 4: 4.2 against the row-tile variant's 4.8) and the MMA kernel at
-# 4 bpw (6.3 against 7.9; batch 8 8.2 against 8.4), the row-tile variant still at 3 bpw.
-# GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0 sends every batch of 1-8
-# to the MMA kernel.
+# Which kernel takes batches of 1-8 (`small_batch_variant`): the fastest one of v4, its row-tile variant and the MMA
+# kernel, timed on nine layer shapes at rates 2-8 and batches 1, 2 and 8, and at every split count on the small layers
+# (H100, programmatic launches, graphs of back-to-back calls; scripts/route_probe.py, tables in notes/kernels.md).
+# Layers of LARGE_LAYER_WEIGHTS or more (an 8B model's 4096x4096 and up) take v4 everywhere. On smaller ones v4 pays
+# per-CTA costs (table fill, K slices cut short on the slow path) on too little work; at 5-8 bpw it took 2-2.5x the MMA
+# kernel's time (2560x960 at 8 bpw 21.6 us against 10.1; 576x576 14.7 against 6.5), so the MMA kernel takes 5-8 bpw
+# there. At 2-4 bpw the row-tile variant takes short inputs (at most ROW_TILE_MAX_IN, every SmolLM2 projection but the
+# down one) and, on longer inputs, batches of 3-8 at 3 bpw (and at every rate from MID_LAYER_WEIGHTS): 576x576 at batch
+# 1, unsplit, 3.5 / 4.3 / 4.5 us at 2 / 3 / 4 bpw against the MMA kernel's 4.7 / 4.3 / 4.7 and v4's 4.7 / 7.1 / 7.5.
+# Longer inputs at batch 1-2 take v4 at 2 bpw (576x1536: 3.9 against 4.4) and the MMA kernel at 3-4 (4.8 / 5.2 against
+# 5.0 / 5.5). Layers from MID_LAYER_WEIGHTS (1024x4096, an 8B model's k/v projections) differ: v4 at 3 bpw (6.7 against
+# 7.8), the row-tile variant at 4 bpw (7.0 against 7.4), and v4 at 5-8 bpw from batch 3 (batch 8, 8 bpw: 14.3 against
+# 20.4). Batches 2, 4 and 8 of the small layers (H100, stop 17; H200 agrees) moved one case: longer inputs below
+# MID_LAYER_WEIGHTS at batches 3-8 take v4 at 2 bpw (576x1536, batch 4: 4.2 against the row-tile variant's 4.8) and the
+# MMA kernel at 4 bpw (6.3 against 7.9; batch 8 8.2 against 8.4), the row-tile variant still at 3 bpw.
+# GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0 sends every batch of 1-8 to the MMA
+# kernel.
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
 LARGE_LAYER_WEIGHTS = 1 << 23
 MID_LAYER_WEIGHTS = 1 << 22

@@ -51,8 +51,9 @@ EXACT = frozenset({3})
 ROUND_TRIP = frozenset({4, 5, 6})
 # Rates where encode(x, nearest=True) returns the exact nearest of all codes: 2 bpw always, 3 bpw by
 # its certificate (EXACT), 4 bpw by a ball search after the beam (Codec._ball_search; 5.4x the encode
-# time on a 2-core CPU). From 5 bpw on no exact search is affordable (the 4-bpw ball search would run once per stage-1
-# candidate, ~800 of them per row), so there "nearest" is the documented joint search.
+# time on a 2-core CPU). From 5 bpw on no exact search is affordable: the ball holds ~5,000 stage-1
+# codewords a row, each needing an exact search of the remaining stages (0.7 s a row on a CPU at 5 bpw;
+# notes/lattice.md), so there "nearest" is the documented joint search.
 NEAREST = frozenset({2, 3, 4})
 # Rows per ball-search batch: bounds its (rows, 65536) float32 distance matrix to 64 MiB.
 _BALL_ROWS = 256
@@ -173,8 +174,8 @@ class Codec:
         ``nearest=True`` (2-4 bpw, ``NEAREST``) returns the exact nearest code of all: at 3 bpw the
         certified search above, at 4 bpw the beam's answer completed by a ball search over every
         stage-1 codeword that can still beat it (:meth:`_ball_search`; 5.4x the encode time on a
-        2-core CPU, 0.5% lower MSE on Gaussians): a verification mode, not the quantizer's default. At 5-8 bpw it
-        raises ``ValueError``: no exact search there is affordable.
+        2-core CPU, 0.5% lower MSE on Gaussians): a verification mode, not the quantizer's default.
+        At 5-8 bpw it raises ``ValueError``: no exact search there is affordable.
         """
         x = self._check_x(x)
         beam = self.beam if beam is None else beam

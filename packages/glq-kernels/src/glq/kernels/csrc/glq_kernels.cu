@@ -817,7 +817,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
-  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  constexpr int kTabBytes = SliceTables<N16, HAS8, RL2, 0>::bytes();
   float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
   const int G = p.K / 8;
   const int B = p.B;
@@ -931,7 +931,7 @@ __global__ void __launch_bounds__(kBThreads, 1)
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
-  constexpr int kTabBytes = (N16 * 512 + (HAS8 ? 256 : 0)) * 16 * REP;
+  constexpr int kTabBytes = SliceTables<N16, HAS8, RL2, 0>::bytes();
   float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
   const int G = p.K / 8;
   const int B = p.B;
@@ -1085,9 +1085,15 @@ int table_entries(int rate) { return (rate / 2) * 512 + (rate % 2) * 256; }
 struct GemvInfo {
   const void* fn;
   int rl2;
-  int copies;       // table copies a caller asks for to get this kernel (plan.rep); 0: 2^rl2
-  int table_bytes;  // shared memory of its tables; 0: table_entries * 16 * 2^rl2
+  int copies;       // table copies a caller asks for to get this kernel (plan.rep)
+  int table_bytes;  // shared memory of its tables (SliceTables)
 };
+
+// A slice kernel (v4, its row-tile variant, v5) with SliceTables<N16, HAS8, RL2, WIDE>'s layout.
+template <int N16, bool HAS8, int RL2, int WIDE = 0>
+GemvInfo slice_info(const void* fn) {
+  return {fn, RL2, WIDE > 0 || RL2 == 3 ? 8 : 1 << RL2, SliceTables<N16, HAS8, RL2, WIDE>::bytes()};
+}
 
 // 8 table copies for one 16-bit stage, 4 otherwise (and 8 for two stages on large layers, below).
 // 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
@@ -1096,17 +1102,16 @@ template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE
 GemvInfo gemv_info() {
   constexpr int MINB = 1;
   constexpr int NB = N16 == 1 ? 4 : 2;
-  return {reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE>), RL2,
-          WIDE > 0 || RL2 == 3 ? 8 : 1 << RL2, SliceTables<N16, HAS8, RL2, WIDE>::bytes()};
+  return slice_info<N16, HAS8, RL2, WIDE>(
+      reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE>));
 }
 
 // Rates 4-7 on layers of at least kWideTableWeights weights hold 8 copies of their first two 16-bit
 // stage tables instead of 4 (rates 4-5: RL2 = 3, every table; 6-7: SliceTables' WIDE = 2): those
-// lookups become conflict-free. The kernel
-// is bound by its shared-memory lookups there: measured (H200, batch 1 and 8, v4, notes/kernels.md
-// stop 17) 4096x14336 and 14336x4096 are 7-13% faster at 4 bpw, 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch
-// 1), and the 70B shapes 12-30%; but 4096x4096 loses 4-11% (the larger table fill does not pay off over
-// fewer codes per CTA). Only while the CTA's dynamic shared memory stays within kWideMaxSmem: beyond
+// lookups become conflict-free, and the kernel is bound by its shared-memory lookups there. Measured
+// (H200, batch 1 and 8, v4, notes/kernels.md stop 17): 4096x14336 and 14336x4096 7-13% faster at 4 bpw,
+// 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch 1), the 70B shapes 12-30%; but 4096x4096 4-11% slower
+// (the larger table fill does not pay off over fewer codes per CTA). Only while the CTA's dynamic shared memory stays within kWideMaxSmem: beyond
 // it (rate 8 at any batch, rate 7 at batch 8) the driver's 228 KiB carve-out leaves 28 KiB of L1 for x
 // and every such case measured 4-19% slower.
 constexpr long long kWideTableWeights = 1LL << 25;
@@ -1137,9 +1142,9 @@ GemvInfo pick_gemv(int rate, int dtype, int rep) {
 template <typename T>
 GemvInfo pick_gemv_rt_rate(int rate) {
   switch (rate) {
-    case 2: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4>), 3};
-    case 3: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4>), 3};
-    case 4: return {reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 2>), 2};
+    case 2: return slice_info<1, false, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4>));
+    case 3: return slice_info<1, true, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4>));
+    case 4: return slice_info<2, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 2>));
     default: return {nullptr, 0};
   }
 }
@@ -1153,9 +1158,10 @@ GemvInfo pick_gemv_rt(int rate, int dtype) {
 template <typename T, int N16, bool HAS8>
 GemvInfo batched_nt(int B) {
   constexpr int RL2 = N16 == 1 ? 3 : 2;
-  if (B <= 16) return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>), RL2};
-  if (B <= 32) return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>), RL2};
-  return {reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8>), RL2};
+  const void* fn = B <= 16   ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>)
+                   : B <= 32 ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>)
+                             : reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8>);
+  return slice_info<N16, HAS8, RL2>(fn);
 }
 
 template <typename T>
@@ -1320,25 +1326,24 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 // kWideTableWeights weights within kWideMaxSmem, else 4).
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
+  const int red_bytes = kGemvWarps * kGemvRows * B * 4;
   if (rate >= 4 && rate <= 7 && rep != 4 && rep != 8) {
-    const GemvInfo wide = pick_gemv(rate, dtype, 8);
     if (static_cast<long long>(M) * K >= kWideTableWeights &&
-        wide.table_bytes + kGemvWarps * kGemvRows * B * 4 <= kWideMaxSmem &&
-        gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess)
-      return cudaSuccess;
-    cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
+        pick_gemv(rate, dtype, 8).table_bytes + red_bytes <= kWideMaxSmem) {
+      if (gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
+      cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
+    }
     rep = 4;
   }
   const GemvInfo k = pick_gemv(rate, dtype, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int copies = k.copies;
-  const int smem = k.table_bytes + kGemvWarps * kGemvRows * B * 4;
+  const int smem = k.table_bytes + red_bytes;
   // Fitted to v4's times for every forced split on eight layer shapes at 2-4 bpw (H100, batch 1,
   // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
   // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
   // less in steps of the slower higher rates (so 4096x4096 wants 1 split at 2 bpw and 2 at 4 bpw).
   const SplitCost cost_of{1.5, 1.8 * 2.0 / rate};
-  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, copies, kKernelGemv, B, M, K, ksplit,
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, k.copies, kKernelGemv, B, M, K, ksplit,
                      device, plan, cost_of);
 }
 
@@ -1347,14 +1352,13 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const GemvInfo k = pick_gemv_rt(rate, dtype);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int rep = 1 << k.rl2;
-  const int smem = table_entries(rate) * 16 * rep + kRtStride * kGemvRows * B * 4;
+  const int smem = k.table_bytes + kRtStride * kGemvRows * B * 4;
   // Its steps are balanced over all 16 warps already, so no SM term; a split's workspace pass costs
   // ~1.8 steps at every rate. Fitted to its forced splits at 2-4 bpw (H100, batch 1, route_probe.py
   // --small-splits): 576x576, 192x576, 1536x576 and 2560x960 are fastest unsplit (576x576 at 2 bpw
   // 3.5 us against 4.5 for the old plan's two splits), 576x1536 with three splits.
   const SplitCost cost_of{1.0, 1.8};
-  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kRtStride, rep, kKernelGemvRt, B, M, K, ksplit,
+  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kRtStride, k.copies, kKernelGemvRt, B, M, K, ksplit,
                      device, plan, cost_of);
 }
 
@@ -1362,9 +1366,8 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
 int batched_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
   const GemvInfo k = pick_batched(rate, dtype, B);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int rep = 1 << k.rl2;
-  const int smem = table_entries(rate) * 16 * rep + kBWK * kBRows * B * 4;
-  return plan_slices(k.fn, kBThreads, smem, kBRows, kBWK, rep, kKernelBatched, B, M, K, ksplit, device, plan);
+  const int smem = k.table_bytes + kBWK * kBRows * B * 4;
+  return plan_slices(k.fn, kBThreads, smem, kBRows, kBWK, k.copies, kKernelBatched, B, M, K, ksplit, device, plan);
 }
 
 int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
@@ -1441,7 +1444,8 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
   if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvRt) {
-    const GemvInfo k = plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype, plan.rep) : pick_gemv_rt(p.rate, p.dtype);
+    const GemvInfo k =
+        plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype, plan.rep) : pick_gemv_rt(p.rate, p.dtype);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
