@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on the GLQ matmul cases named below (one launch each, after one warm-up launch): speed of
 # light, warp stalls, memory, occupancy. Usage on a GPU machine: scripts/gpu_run.sh bash scripts/ncu_probe.sh
+# ["label;ncu_matmul.py arguments" ...] (default: the cases below)
 set -o pipefail
 run() {  # label, ncu_matmul.py arguments
   local label=$1; shift
@@ -12,6 +13,13 @@ run() {  # label, ncu_matmul.py arguments
     grep -v " 0$\| 0\.0[0-9]$" | head -60
 }
 python3 -c "from glq.kernels._build import load_extension; print(load_extension())"
+if [ $# -gt 0 ]; then
+  for case in "$@"; do
+    # shellcheck disable=SC2086 # the arguments part is split on purpose
+    run "${case%%;*}" ${case#*;}
+  done
+  exit 0
+fi
 run "v4 4096x14336 b1 4 bpw, 4 copies" --rates 4 --variant 2 --rep 4
 run "v4 4096x14336 b1 4 bpw, 8 copies" --rates 4 --variant 2 --rep 8
 run "v4 4096x14336 b1 2 bpw" --rates 2 --variant 2

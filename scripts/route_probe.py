@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--no-splits", action="store_true", help="skip v4's split table at the end")
     ap.add_argument("--copies", action="store_true",
                     help="only v4 with 4 against 8 table copies at rates 4-7 (--shapes, --batches, --rates)")
+    ap.add_argument("--batched", action="store_true",
+                    help="only batches 9-64: the MMA kernel, v5 (and with 8 table copies at rate 4), routed, bf16")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     shapes = [s for s in shapes if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
@@ -39,6 +41,9 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     if args.copies:
         copies_rows(shapes, args.batches, [r for r in args.rates if 4 <= r <= 7])
+        return
+    if args.batched:
+        batched_rows(shapes, [b for b in args.batches if b > 8], [r for r in args.rates if r <= 4])
         return
     if args.small_splits:
         small = [(576, 576), (192, 576), (1536, 576), (576, 1536), (2560, 960)]
@@ -103,6 +108,41 @@ def copies_rows(shapes, batches, rates) -> None:
                 plan = torch.ops.glq_cuda.matmul_plan(batch, out_f, in_f, rate, 0, 0, 0, 0, 2)
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells) + f" | {plan[4]} |", flush=True)
                 layers = None
+
+
+def batched_rows(shapes, batches, rates) -> None:
+    """Batches 9-64 at rates 2-4: the MMA kernel (v3) and v5 forced (rep 4: the rate's own table copies, 4 at
+    rate 4; rep 8: 8 at rate 4), the public matmul and fp16 cuBLAS, with v5's error against the reference's own."""
+    print("| out x in | batch | rate | v3 us | v5 us | v5 8 copies us | matmul (routed) us | fp16 cuBLAS us | "
+          "v5 err/ref |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        for batch in batches:
+            base = bench_bf16(out_f, in_f, batch, torch.float16, replays=20) * 1e6
+            for rate in rates:
+                n, layers, tables = make_sets(rate, out_f, in_f, batch)
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+                tab = tables.table(x.dtype, x.device)
+                w = dequantize(layers[0][0], tables, layers[0][2])
+                exact = exact_matmul(x, w)
+                ref_err = lowp_reference_error(x, w, exact)
+                cells = []
+                for variant, rep in ((1, 0), (3, 4), (3, 8)):
+                    if rep == 8 and rate != 4:
+                        cells.append("-")
+                        continue
+
+                    def call(i, variant=variant, rep=rep):
+                        codes, _, row_scale = layers[i]
+                        return torch.ops.glq_cuda.matmul(x, codes, tab, row_scale, rate, tables.gain, rep, 0, variant)
+
+                    if variant == 3 and rep == 4:
+                        worst = rel_error(call(0), exact) / ref_err
+                    cells.append(f"{time_graph(call, n, replays=20) * 1e6:.1f}")
+                routed = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=20) * 1e6
+                print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
+                      + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
+                layers = w = None
 
 
 if __name__ == "__main__":

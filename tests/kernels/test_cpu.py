@@ -330,15 +330,23 @@ def test_cuda_sources_compile(tmp_path):
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 8 (8 copies at rates 4-7), row-tile 6, batched 18,
-    # FWHT 3 x 3 and 3 x 2
-    assert len(pdl) == 42 + 22 + 6 + 18 + 9 + 6, len(pdl)
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 8 (8 copies at rates 4-7), row-tile 6, batched 18
+    # + 6 (8 copies at rate 4), FWHT 3 x 3 and 3 x 2
+    assert len(pdl) == 42 + 22 + 6 + 24 + 9 + 6, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
-    for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4
+    for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4; x staged from NT = 4
+        staged = "Lb1E" if nt >= 4 else "Lb0E"
         for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):
-            assert f"glq_batched_kernelI6__half{stages}Li{3 if stages.startswith('Li1') else 2}ELi{nt}E" in ptx
+            rl2s = (3,) if stages.startswith("Li1") else (2, 3)
+            for rl2 in rl2s:
+                name = f"glq_batched_kernelI6__half{stages}Li{rl2}ELi{nt}E{staged}"
+                assert name in ptx, name
+        # staged x: cp.async copies and the per-column named barrier
+        kernel = f"glq_batched_kernelI6__halfLi1ELb0ELi3ELi{nt}E{staged}"
+        body = next(e for e in ptx.split(".entry ")[1:] if kernel in e.split("(")[0]).split("\n}\n")[0]
+        assert ("cp.async.cg.shared.global" in body) == (nt >= 4)
 
 
 # --- large-batch (prefill) path: dense decode + cuBLAS --------------------------------------------

@@ -506,6 +506,27 @@ def test_batched_kernel_matches_reference(cuda_ext, rate, monkeypatch):
         assert torch.equal(y, torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, 0, 3))
 
 
+def test_batched_kernel_table_copies_give_identical_results(cuda_ext):
+    """At rate 4 the batched kernel holds 4 or 8 copies of both stage tables (8 from kWideTableWeights
+    weights on): the same bits either way, at awkward shapes, at every n-tile count (the staged-x path
+    at 17-64) and with splits; the plan picks 8 on a large layer and 4 on a smaller one."""
+    for out_f, in_f in [(960, 2688), (24, 24), (4096, 8 * 1001)]:
+        codes, tables, row_scale = random_layer(4, out_f, in_f, seed=9, device="cuda")
+        for b in (9, 17, 33, 64):
+            for dtype in DTYPES:
+                x = torch.randn(b, in_f, device="cuda").to(dtype)
+                table = tables.table(dtype, x.device)
+                for ks in (0, 3):
+                    y4, y8 = (
+                        torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 4, tables.gain, rep, ks, 3)
+                        for rep in (4, 8)
+                    )
+                    assert torch.equal(y4, y8), (out_f, in_f, b, dtype, ks)
+    for b in (16, 64):
+        assert torch.ops.glq_cuda.matmul_plan(b, 4096, 14336, 4, 0, 0, 0, 0, 3)[4] == 8
+        assert torch.ops.glq_cuda.matmul_plan(b, 4096, 4096, 4, 0, 0, 0, 0, 3)[4] == 4
+
+
 def test_split_k_launches_on_two_streams_at_once(cuda_ext):
     """Split-K arrival counters are per stream: the same layers run concurrently on two streams
     (forced split-K) give exactly the single-stream results every time."""

@@ -295,7 +295,10 @@ __device__ __forceinline__ void fill_tables(uint4* smem, const uint4* __restrict
 // workspace: the last of the ksplit CTAs to arrive sums every split's slice in split order (so the
 // result is bit-identical run to run, with no float atomics), writes y for rows [rbase, rbase +
 // rows) and re-arms the block's counter for the next launch.
-template <typename T, int NTHREADS>
+// U > 1: each thread sums U outputs at once, so their workspace loads are in flight together. With
+// U = 1 a thread's outputs are a chain of L2 round trips: 32 at batch 64 (rows x B = 8192 outputs over
+// 256 threads), several microseconds per item.
+template <typename T, int NTHREADS, int U = 1>
 __device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restrict__ y, int rb, int rbase,
                                                int rows, int ksplit, int& s_last) {
   __threadfence();
@@ -304,41 +307,98 @@ __device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restr
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int idx = threadIdx.x; idx < rows * p.B; idx += NTHREADS) {
-    const int r = rbase + idx % rows;
-    const int b = idx / rows;
-    if (r >= p.M) continue;
-    float sum = 0.f;
+  if constexpr (U == 1) {
+    for (int idx = threadIdx.x; idx < rows * p.B; idx += NTHREADS) {
+      const int r = rbase + idx % rows;
+      const int b = idx / rows;
+      if (r >= p.M) continue;
+      float sum = 0.f;
 #pragma unroll 4
-    for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
-      sum += __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b) * p.M + r]);
-    y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+      for (int s = 0; s < ksplit; ++s)  // fixed order: bit-identical run to run
+        sum += __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b) * p.M + r]);
+      y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+    }
+  } else {
+    const int n = rows * p.B;
+    for (int base = threadIdx.x; base < n; base += NTHREADS * U) {
+      int r[U], b[U];  // b = -1: no output
+      float sum[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u * NTHREADS;
+        r[u] = rbase + idx % rows;
+        b[u] = idx < n && r[u] < p.M ? idx / rows : -1;
+        sum[u] = 0.f;
+      }
+#pragma unroll 4
+      for (int s = 0; s < ksplit; ++s) {  // fixed order per output, as above
+        float v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          v[u] = b[u] >= 0 ? __ldcg(&p.workspace[(static_cast<long long>(s) * p.B + b[u]) * p.M + r[u]]) : 0.f;
+#pragma unroll
+        for (int u = 0; u < U; ++u) sum[u] += v[u];
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (b[u] >= 0) y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u] * p.row_scale[r[u]] * p.gain);
+    }
   }
   if (threadIdx.x == 0) p.counters[rb] = 0;
 }
 
 // The small-batch and batched kernels' item epilogue: red holds PARTS partial sums per (row, batch
-// column) of the item's ROWS rows (red[(part * ROWS + row) * B + b]); they are added in part order,
-// then written to y (one split) or to this split's workspace slice, and the last split finishes.
-template <typename T, int ROWS, int PARTS, int NTHREADS>
-__device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, const float* red, int rb,
-                                           int row_base, int ks, int ksplit, int& s_last) {
+// column) of the item's ROWS rows (red[(part * ROWS + row) * ld + b], ld >= B); they are added in part
+// order, then written to y (one split) or to this split's workspace slice, and the last split finishes.
+// U > 1: U outputs per thread at once (their row_scale loads in flight together; see finish_split_k).
+template <typename T, int ROWS, int PARTS, int NTHREADS, int U = 1>
+__device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, const float* red, int ld,
+                                           int rb, int row_base, int ks, int ksplit, int& s_last) {
   __syncthreads();
-  for (int idx = threadIdx.x; idx < ROWS * p.B; idx += NTHREADS) {
-    const int rl = idx % ROWS;
-    const int b = idx / ROWS;
-    const int r = row_base + rl;
-    float sum = 0.f;
+  if constexpr (U == 1) {
+    for (int idx = threadIdx.x; idx < ROWS * p.B; idx += NTHREADS) {
+      const int rl = idx % ROWS;
+      const int b = idx / ROWS;
+      const int r = row_base + rl;
+      float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < PARTS; ++w) sum += red[(w * ROWS + rl) * p.B + b];  // fixed order
-    if (r < p.M) {
-      if (ksplit == 1)
-        y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
-      else
-        p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = sum;
+      for (int w = 0; w < PARTS; ++w) sum += red[(w * ROWS + rl) * ld + b];  // fixed order
+      if (r < p.M) {
+        if (ksplit == 1)
+          y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        else
+          p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = sum;
+      }
+    }
+  } else {
+    const int n = ROWS * p.B;
+    for (int base = threadIdx.x; base < n; base += NTHREADS * U) {
+      int r[U], b[U];  // b = -1: no output
+      float sum[U], scale[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u * NTHREADS;
+        const int rl = idx % ROWS;
+        r[u] = row_base + rl;
+        b[u] = idx < n && r[u] < p.M ? idx / ROWS : -1;
+        sum[u] = 0.f;
+        if (idx < n) {
+#pragma unroll
+          for (int w = 0; w < PARTS; ++w) sum[u] += red[(w * ROWS + rl) * ld + idx / ROWS];  // fixed order
+        }
+        scale[u] = ksplit == 1 && b[u] >= 0 ? p.row_scale[r[u]] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (b[u] < 0) continue;
+        if (ksplit == 1)
+          y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u] * scale[u] * p.gain);
+        else
+          p.workspace[(static_cast<long long>(ks) * p.B + b[u]) * p.M + r[u]] = sum[u];
+      }
     }
   }
-  if (ksplit > 1) finish_split_k<T, NTHREADS>(p, y, rb, row_base, ROWS, ksplit, s_last);
+  if (ksplit > 1) finish_split_k<T, NTHREADS, U>(p, y, rb, row_base, ROWS, ksplit, s_last);
   __syncthreads();  // red and s_last are reused by the next item
 }
 
@@ -793,7 +853,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         const int b = 2 * t + (q & 1);
         if (b < B) red[(warp * kGemvRows + rl) * B + b] = acc[rt][q];
       }
-    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, s_last);
   }
 }
 
@@ -886,7 +946,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       const int b = 2 * t + (q & 1);
       if (b < B) red[(col * kGemvRows + rl) * B + b] = acc[q];
     }
-    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, s_last);
   }
 }
 
@@ -901,6 +961,11 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
 //   NT = 2/4/8 for B <= 16/32/64). For each group i of its slice a lane loads the NT x fragments
 //   (x rows nt*8+g, group j) once and feeds them to both row tiles; each decoded A fragment (rows
 //   g, g+8 of one row tile) feeds all NT n-tiles: 2*NT MMAs per decode, 2*kBT per x fragment.
+// * x at NT >= 4 (XS): from shared memory. A lane's x fragments (8 rows g x 4 lanes t, 64 bytes
+//   apart) touch 16 cache lines per global load, so at NT = 8 the L1 path carried more wavefronts
+//   than the table lookups. Instead the 4 warps of a K column copy each slice's x (8*NT rows x 256
+//   bytes) into one of two swizzled buffers with cp.async one slice ahead, and meet at a named
+//   barrier per slice (column_sync). At NT = 2 the __ldg path stays (faster there; see XS).
 // * Warps in a 2-D grid: wm = warp % kBWM picks the warp's 32 rows of the item's kBRows = 128,
 //   wk = warp / kBWM its K slices (sl = s_first + wk, + kBWK, ...; slices of 16 groups, lane t
 //   owning groups 16*sl + 4t + i, i = 0..3, as in v4). The kBWM warps sharing wk read the same x
@@ -909,13 +974,14 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
 // * Codes of a slice for both row tiles (one 8-byte load per row and 16-bit stage, as v4) sit in
 //   two register sets; the slice loop is unrolled by two so the set being filled for the next
 //   slice and the one being decoded are compile-time names (no register copies, the v1/v2 lesson).
-// * Reduction, fixed order: red[wk][local row][b] in shared memory, summed over wk = 0..kBWK-1 in
-//   order, then y or a split-K partial added by the last CTA of the row block in split order
-//   (integer counter, as v3/v4). No float atomics: bit-identical run to run.
+// * Reduction, fixed order: red[wk][local row][b] in shared memory (row stride batched_red_ld),
+//   summed over wk = 0..kBWK-1 in order, then y or a split-K partial added by the last CTA of the
+//   row block in split order (integer counter, as v3/v4), kBEpilogueU outputs per thread at a time.
+//   No float atomics: bit-identical run to run.
 // * n-tiles past ceil(B/8) are skipped (warp-uniform branch); batch columns >= B read x row B-1
-//   and are never stored.
+//   (zeros with XS) and are never stored.
 // Registers (ptxas -v, sm_90, see notes/kernels.md): one CTA of 8 warps per SM; acc is
-// 4*kBT*NT = 64 floats at NT = 8, x fragments 4*NT = 32.
+// 4*kBT*NT = 64 floats at NT = 8.
 
 constexpr int kBWM = 4;                  // warps along rows
 constexpr int kBWK = 2;                  // warps along K
@@ -924,17 +990,65 @@ constexpr int kBThreads = kBWarps * 32;
 constexpr int kBT = 2;                   // row tiles (16 rows) per warp and item
 constexpr int kBRows = kBWM * kBT * 16;  // rows per work item
 constexpr int kBMaxB = 64;
+constexpr int kBEpilogueU = 8;  // outputs per thread at once in the epilogue (store_item)
 
-template <typename T, int N16, bool HAS8, int RL2, int NT>
+// n-tiles of 8 batch columns the batched kernel is instantiated with for a batch of B (<= kBMaxB)
+__host__ __device__ constexpr int batched_nt_of(int B) { return B <= 16 ? 2 : B <= 32 ? 4 : 8; }
+
+// Row stride (floats) of the batched kernel's reduction buffer red[(wk * kBRows + row) * ld + b]: odd,
+// so the epilogue's reads (32 consecutive rows of one column) hit 32 different banks. With ld = B
+// (64: every row in one bank) they were 32-way conflicts, a third of the kernel's shared-memory
+// wavefronts at batch 64 (ncu).
+__host__ __device__ constexpr int batched_red_ld(int B) { return B | 1; }
+__host__ __device__ constexpr int batched_red_bytes(int B) { return kBWK * kBRows * batched_red_ld(B) * 4; }
+
+// x staging in shared memory (XS, NT >= 4): per K column of warps (wk), two buffers of one slice each,
+// x rows 0..8*NT-1 x the slice's 16 groups (16-byte units). red reuses that space once every warp
+// has left the slice loop.
+template <int NT>
+__host__ __device__ constexpr int batched_x_bytes() { return kBWK * 2 * NT * 8 * kSliceGroups * 16; }
+
+// Where x row b's group q (0..15 within the slice) sits in a staging buffer, in 16-byte units.
+// Fragment reads (lane g, t: row 8 nt + g, group 4t + i) must hit 8 different bank quads per
+// quarter-warp (g in {2k, 2k+1}, t = 0..3): the unit's low 3 bits are
+// (i ^ 2 (t >> 1) ^ (g & 1)) | (t & 1) << 2, distinct over those 8 lanes. The staging stores (8
+// consecutive q of one row per quarter-warp) keep a permutation of the low 3 bits too.
+__device__ __forceinline__ int x_unit(int b, int q) { return b * kSliceGroups + (q ^ ((q >> 3) << 1) ^ (b & 1)); }
+
+// Keeps a decoded fragment in registers: without it ptxas sank the sign arithmetic into every n-tile's
+// (conditional) MMA block and recomputed it there, 24 IMAD/LOP3 per n-tile (twice the kernel's
+// instructions at NT = 8).
+__device__ __forceinline__ void pin(uint4& v) { asm volatile("" : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)); }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+
+// Barrier of the kBWM warps sharing K column wk (named barrier 1 + wk; 0 is __syncthreads), after this
+// thread's staging copies have landed: then every copy of the column is visible to all its warps.
+__device__ __forceinline__ void column_sync(int wk) {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + wk), "r"(kBWM * 32) : "memory");
+}
+
+// XS = NT >= 4: x fragments from the staging buffers. At NT = 2 each x fragment feeds 4 MMAs and the
+// __ldg path (L1 hits) was faster (H200, batch 16, 4096x14336: 26.4 against 28.5 us at 2 bpw, 39.4
+// against 50.4 at 4 bpw); at NT = 8 the scattered __ldg of 8 rows x 4 lanes touched 16 cache lines per
+// load and staging won (batch 64: 83.0 -> 65.0 us at 2 bpw, 92.5 -> 79.6 at 4 bpw).
+template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = (NT >= 4)>
 __global__ void __launch_bounds__(kBThreads, 1)
     glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
   constexpr int kTabBytes = SliceTables<N16, HAS8, RL2, 0>::bytes();
-  float* red = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + kTabBytes);
+  constexpr int kXBuf = batched_x_bytes<NT>() / (2 * kBWK);  // one slice of x
+  char* xs = reinterpret_cast<char*>(smem) + kTabBytes;
+  float* red = reinterpret_cast<float*>(xs);
   const int G = p.K / 8;
   const int B = p.B;
+  const int ld = batched_red_ld(B);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int wm = warp % kBWM;
@@ -948,14 +1062,38 @@ __global__ void __launch_bounds__(kBThreads, 1)
   const bool vec = (G % 4) == 0;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   T* __restrict__ y = static_cast<T*>(p.y);
-  // batch column nt*8 + g of B reads x row min(nt*8 + g, B-1); 32-bit offsets (matmul_run checks
-  // B * x_stride < 2^31) save NT registers against 64-bit ones
-  int xoff[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
+  char* xcol = xs + wk * 2 * kXBuf;  // XS: this warp's column's buffers, xcol and xcol + kXBuf
   const int n_items = row_blocks * ksplit;
+  // XS: the lane's fragment offsets (bytes) in a staging buffer for its groups i = 0..3 (n-tile nt adds
+  // nt * 8 rows: the same parity of b, so the same swizzle). Else: x row of batch column nt * 8 + g,
+  // min(nt * 8 + g, B - 1) (32-bit offsets: matmul_run checks B * x_stride < 2^31).
+  int xoff[XS ? 4 : NT];
+  if constexpr (XS) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xoff[i] = x_unit(g, 4 * t + i) * 16;
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xoff[nt] = min(nt * 8 + g, B - 1) * static_cast<int>(p.x_stride);
+  }
 
   slice_kernel_prologue<N16, HAS8, kBThreads, RL2>(smem, p);
+
+  // XS: the column's 128 threads copy slice sl's x (rows below 8 * n_tiles, the only ones read) into
+  // buf; rows >= B and groups >= G are zero-filled (codes past G read as 0 but still decode to table
+  // entries, so their x must be 0).
+  auto stage_x = [&](char* buf, int sl) {
+    const int ct = wm * 32 + lane;
+#pragma unroll
+    for (int k = 0; k < NT; ++k) {
+      const int u = ct + k * kBWM * 32;
+      const int b = u / kSliceGroups, q = u % kSliceGroups;
+      if (b < 8 * n_tiles) {
+        const int j = sl * kSliceGroups + q;
+        const bool valid = b < B && j < G;
+        cp_async16(buf + x_unit(b, q) * 16, valid ? x + b * p.x_stride + 8LL * j : x, valid);
+      }
+    }
+  };
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const SliceItem it = slice_item(item, row_blocks, kBRows, slices_per_split, n_slices);
@@ -977,49 +1115,92 @@ __global__ void __launch_bounds__(kBThreads, 1)
       for (int rt = 0; rt < kBT; ++rt)
         load_slice(dst[rt], p, warp_row0 + 16 * rt + g, sl_ * kSliceGroups + 4 * t, G, fast);
     };
-    // one slice: for each of the lane's 4 groups, NT x fragments, then both row tiles' decodes
-    auto compute = [&](const SliceCodes<N16, HAS8> (&cur)[kBT], int sl_) {
+    // One slice, for each of the lane's 4 groups i: XS: both row tiles' decodes, then per n-tile one x
+    // fragment from the staging buffer `buf` feeding 2 * kBT MMAs. Else: the NT x fragments from global
+    // memory, then per row tile a decode feeding 2 * NT MMAs.
+    auto compute = [&](const SliceCodes<N16, HAS8> (&cur)[kBT], int sl_, const char* buf) {
       const int j0 = sl_ * kSliceGroups + 4 * t;
       const bool inside = vec && sl_ * kSliceGroups + kSliceGroups <= G;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int j = j0 + i;
-        uint4 xf[NT];
+        if constexpr (XS) {
+          uint4 wa[kBT], wb[kBT];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          // groups past G must be zero: their codes read as 0 but still decode to table entries
-          xf[nt] = (inside || j < G) ? __ldg(reinterpret_cast<const uint4*>(x + xoff[nt] + 8 * j))
-                                     : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int rt = 0; rt < kBT; ++rt) {
-          const uint4 wa = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 0, i, tab);  // row g
-          const uint4 wb = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 1, i, tab);  // row g + 8
+          for (int rt = 0; rt < kBT; ++rt) {
+            wa[rt] = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 0, i, tab);  // row g
+            wb[rt] = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 1, i, tab);  // row g + 8
+            pin(wa[rt]);
+            pin(wb[rt]);
+          }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             if (nt < n_tiles) {
-              TypeOps<T>::mma(acc[rt][nt], wa.x, wb.x, wa.y, wb.y, xf[nt].x, xf[nt].y);
-              TypeOps<T>::mma(acc[rt][nt], wa.z, wb.z, wa.w, wb.w, xf[nt].z, xf[nt].w);
+              const uint4 xf = *reinterpret_cast<const uint4*>(buf + xoff[i] + nt * 8 * kSliceGroups * 16);
+#pragma unroll
+              for (int rt = 0; rt < kBT; ++rt) {
+                TypeOps<T>::mma(acc[rt][nt], wa[rt].x, wb[rt].x, wa[rt].y, wb[rt].y, xf.x, xf.y);
+                TypeOps<T>::mma(acc[rt][nt], wa[rt].z, wb[rt].z, wa[rt].w, wb[rt].w, xf.z, xf.w);
+              }
+            }
+          }
+        } else {
+          const int j = j0 + i;
+          uint4 xf[NT];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            // groups past G must be zero: their codes read as 0 but still decode to table entries
+            xf[nt] = (inside || j < G) ? __ldg(reinterpret_cast<const uint4*>(x + xoff[nt] + 8 * j))
+                                       : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int rt = 0; rt < kBT; ++rt) {
+            uint4 wa = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 0, i, tab);  // row g
+            uint4 wb = gemv_decode<T, N16, HAS8, RL2>(cur[rt], 1, i, tab);  // row g + 8
+            pin(wa);
+            pin(wb);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              if (nt < n_tiles) {
+                TypeOps<T>::mma(acc[rt][nt], wa.x, wb.x, wa.y, wb.y, xf[nt].x, xf[nt].y);
+                TypeOps<T>::mma(acc[rt][nt], wa.z, wb.z, wa.w, wb.w, xf[nt].z, xf[nt].w);
+              }
             }
           }
         }
       }
     };
 
+    // Codes in two register sets (c0, c1), alternating by slice; with XS x too, in two staging buffers.
+    // column_sync before slice k's compute: its x has landed, and every warp of the column has
+    // finished slice k - 1, whose buffer the copies of slice k + 1 then overwrite. All warps of a
+    // column take the same slices, so they meet the same barriers.
     SliceCodes<N16, HAS8> c0[kBT], c1[kBT];
     int sl = s_first + wk;
-    if (sl < s_stop) load(c0, sl);
+    if (sl < s_stop) {
+      load(c0, sl);
+      if constexpr (XS) stage_x(xcol, sl);
+    }
     for (; sl < s_stop; sl += 2 * kBWK) {
       const int sl1 = sl + kBWK;
       if (sl1 < s_stop) load(c1, sl1);
-      compute(c0, sl);
+      if constexpr (XS) {
+        column_sync(wk);
+        if (sl1 < s_stop) stage_x(xcol + kXBuf, sl1);
+      }
+      compute(c0, sl, xcol);
       if (sl1 >= s_stop) break;
-      if (sl1 + kBWK < s_stop) load(c0, sl1 + kBWK);
-      compute(c1, sl1);
+      const int sl2 = sl1 + kBWK;
+      if (sl2 < s_stop) load(c0, sl2);
+      if constexpr (XS) {
+        column_sync(wk);
+        if (sl2 < s_stop) stage_x(xcol, sl2);
+      }
+      compute(c1, sl1, xcol + kXBuf);
     }
+    if constexpr (XS) __syncthreads();  // red overlays the staging buffers
 
     // Cross-warp reduction. acc[rt][nt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t),
-    // (row g+8, col 2t+1); red[(wk * kBRows + local row) * B + b].
+    // (row g+8, col 2t+1); red[(wk * kBRows + local row) * ld + b].
 #pragma unroll
     for (int rt = 0; rt < kBT; ++rt)
 #pragma unroll
@@ -1028,9 +1209,9 @@ __global__ void __launch_bounds__(kBThreads, 1)
         for (int q = 0; q < 4; ++q) {
           const int rl = wm * kBT * 16 + 16 * rt + g + 8 * (q >> 1);
           const int b = nt * 8 + 2 * t + (q & 1);
-          if (b < B) red[(wk * kBRows + rl) * B + b] = acc[rt][nt][q];
+          if (b < B) red[(wk * kBRows + rl) * ld + b] = acc[rt][nt][q];
         }
-    store_item<T, kBRows, kBWK, kBThreads>(p, y, red, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kBRows, kBWK, kBThreads, kBEpilogueU>(p, y, red, ld, rb, row_base, ks, ksplit, s_last);
   }
 }
 
@@ -1153,30 +1334,30 @@ GemvInfo pick_gemv_rt(int rate, int dtype) {
   return dtype == kFloat16 ? pick_gemv_rt_rate<__half>(rate) : pick_gemv_rt_rate<__nv_bfloat16>(rate);
 }
 
-// v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each
-// already add 18 kernels to the build). Same table copies as v4.
-template <typename T, int N16, bool HAS8>
+// v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each).
+// Same table copies as v4; rep 8 at rate 4: 8 copies of both stages (RL2 = 3).
+template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2)>
 GemvInfo batched_nt(int B) {
-  constexpr int RL2 = N16 == 1 ? 3 : 2;
-  const void* fn = B <= 16   ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>)
-                   : B <= 32 ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>)
+  const int nt = batched_nt_of(B);
+  const void* fn = nt == 2   ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>)
+                   : nt == 4 ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>)
                              : reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8>);
   return slice_info<N16, HAS8, RL2>(fn);
 }
 
 template <typename T>
-GemvInfo batched_rate(int rate, int B) {
+GemvInfo batched_rate(int rate, int B, int rep) {
   switch (rate) {
     case 2: return batched_nt<T, 1, false>(B);
     case 3: return batched_nt<T, 1, true>(B);
-    case 4: return batched_nt<T, 2, false>(B);
+    case 4: return rep == 8 ? batched_nt<T, 2, false, 3>(B) : batched_nt<T, 2, false>(B);
     default: return {nullptr, 0};
   }
 }
 
-GemvInfo pick_batched(int rate, int dtype, int B) {
+GemvInfo pick_batched(int rate, int dtype, int B, int rep) {
   if (B < 1 || B > kBMaxB) return {nullptr, 0};
-  return dtype == kFloat16 ? batched_rate<__half>(rate, B) : batched_rate<__nv_bfloat16>(rate, B);
+  return dtype == kFloat16 ? batched_rate<__half>(rate, B, rep) : batched_rate<__nv_bfloat16>(rate, B, rep);
 }
 
 // Every matmul and FWHT call plans its launch, and the driver queries behind a plan cost a few
@@ -1363,10 +1544,22 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
 }
 
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
-int batched_plan(int B, int M, int K, int rate, int dtype, int ksplit, int device, MatmulPlan* plan) {
-  const GemvInfo k = pick_batched(rate, dtype, B);
+// rep 8 or 4 picks the table copies at rate 4; else 8 on layers of at least kWideTableWeights weights
+// (v4's rule; batches 16-64 at 4 bpw, H100: 4096x14336 and 14336x4096 4-9% faster, 4096x4096 up to 5%
+// slower), 4 otherwise.
+int batched_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
+  if (rate == 4 && rep != 4 && rep != 8) {
+    if (static_cast<long long>(M) * K >= kWideTableWeights) {
+      if (batched_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
+      cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
+    }
+    rep = 4;
+  }
+  const GemvInfo k = pick_batched(rate, dtype, B, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int smem = k.table_bytes + kBWK * kBRows * B * 4;
+  const int nt = batched_nt_of(B);
+  const int x_bytes = nt == 2 ? 0 : nt == 4 ? batched_x_bytes<4>() : batched_x_bytes<8>();  // XS at NT >= 4
+  const int smem = k.table_bytes + std::max(x_bytes, batched_red_bytes(B));
   return plan_slices(k.fn, kBThreads, smem, kBRows, kBWK, k.copies, kKernelBatched, B, M, K, ksplit, device, plan);
 }
 
@@ -1431,7 +1624,7 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
     variant = kKernelAuto;
   }
   if (variant == kKernelGemv) return gemv_plan(B, M, K, rate, dtype, rep, ksplit, device, plan);
-  if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, ksplit, device, plan);
+  if (variant == kKernelBatched) return batched_plan(B, M, K, rate, dtype, rep, ksplit, device, plan);
   if (variant == kKernelGemvRt) return gemv_rt_plan(B, M, K, rate, dtype, ksplit, device, plan);
   if (variant == kKernelAuto && B <= kGemvMaxB && rep <= 0) {
     // the small-batch kernel when it plans; otherwise (shared memory, occupancy) the MMA kernel
@@ -1455,7 +1648,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     return cudaGetLastError();
   }
   if (plan.kernel == kKernelBatched) {
-    const GemvInfo k = pick_batched(p.rate, p.dtype, p.B);
+    const GemvInfo k = pick_batched(p.rate, p.dtype, p.B, plan.rep);
     if (k.fn == nullptr || p.x_stride * p.B >= (1LL << 31)) return cudaErrorInvalidValue;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
                     const_cast<int*>(&plan.ksplit)};
