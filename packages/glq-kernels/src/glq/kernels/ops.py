@@ -37,8 +37,10 @@ DENSE_BATCH_THRESHOLD = 64
 GEMV_ENV = "GLQ_KERNELS_GEMV"
 DEQUANT_ENV = "GLQ_KERNELS_DEQUANT"
 # Batches 9..64 at rates 2..4 take the register-tiled batched kernel (v5, variant 3): at 2 bpw on
-# 4096x14336 (H200) 27.9 us at batch 16 against 54.7 for the MMA kernel, 86.6 against 193 at batch
-# 64, errors equal to the MMA kernel's (BENCHMARKS.md). GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
+# 4096x14336 (H100, stop 18) 25.0 us at batch 16 against 52.1 for the MMA kernel, 50.8 against 187.9 at
+# batch 64, errors equal to the MMA kernel's (BENCHMARKS.md). Two 64-row calls would now about tie the
+# dense path at batch 128 (2 x 50.8 against 104.9 us at 2 bpw; 2 x 66.3 against 118.7 at 4 bpw), so
+# DENSE_BATCH_THRESHOLD stays. GLQ_KERNELS_BATCHED=0 keeps the MMA kernel.
 BATCHED_ENV = "GLQ_KERNELS_BATCHED"
 BATCHED_RATES = (2, 3, 4)
 # Which kernel takes batches of 1-8 (`small_batch_variant`): the fastest one of v4, its row-tile variant and the MMA
