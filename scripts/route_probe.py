@@ -32,6 +32,8 @@ def main() -> None:
                     help="only v4 with 4 against 8 table copies at rates 4-7 (--shapes, --batches, --rates)")
     ap.add_argument("--batched", action="store_true",
                     help="only batches 9-64: the MMA kernel, v5 (and with 8 table copies at rate 4), routed, bf16")
+    ap.add_argument("--batched-splits", action="store_true",
+                    help="only v5's forced K splits (--shapes, --batches over 8, --rates)")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     shapes = [s for s in shapes if not args.small or s[0] * s[1] < ops.LARGE_LAYER_WEIGHTS]
@@ -41,6 +43,11 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     if args.copies:
         copies_rows(shapes, args.batches, [r for r in args.rates if 4 <= r <= 7])
+        return
+    if args.batched_splits:
+        for batch in [b for b in args.batches if b > 8]:
+            print()
+            split_rows(3, shapes, [r for r in args.rates if r <= 4], (0, 1, 2, 3, 4, 6, 8), batch=batch)
         return
     if args.batched:
         batched_rows(shapes, [b for b in args.batches if b > 8], [r for r in args.rates if r <= 4])

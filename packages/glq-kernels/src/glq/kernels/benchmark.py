@@ -159,15 +159,16 @@ def prefill_rows(smoke: bool) -> list[str]:
     return out
 
 
-def split_rows(variant: int, shapes, rates, splits, replays: int = 20) -> list[str]:
-    """Markdown rows: batch-1 time (fp16) of matmul kernel ``variant`` (1 MMA, 2 v4, 4 row-tile) at each
-    forced K split (0: its planner's choice), with the split and grid it planned."""
-    rows = [f"| out x in | rate | variant {variant}: ksplit asked -> planned (grid) | us |", "|---|---|---|---|"]
+def split_rows(variant: int, shapes, rates, splits, replays: int = 20, batch: int = 1) -> list[str]:
+    """Markdown rows: time (fp16, `batch` rows) of matmul kernel ``variant`` (1 MMA, 2 v4, 3 batched, 4
+    row-tile) at each forced K split (0: its planner's choice), with the split and grid it planned."""
+    rows = [f"| out x in | rate | variant {variant}, batch {batch}: ksplit asked -> planned (grid) | us |",
+            "|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     for out_f, in_f in shapes:
         for rate in rates:
-            n, layers, tables = make_sets(rate, out_f, in_f, 1)
-            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
+            n, layers, tables = make_sets(rate, out_f, in_f, batch)
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
             tab = tables.table(x.dtype, x.device)
             for ks in splits:
                 try:
@@ -178,7 +179,7 @@ def split_rows(variant: int, shapes, rates, splits, replays: int = 20) -> list[s
                         n,
                         replays=replays,
                     )
-                    plan = torch.ops.glq_cuda.matmul_plan(1, out_f, in_f, rate, 0, 0, ks, 0, variant)
+                    plan = torch.ops.glq_cuda.matmul_plan(batch, out_f, in_f, rate, 0, 0, ks, 0, variant)
                 except RuntimeError as e:
                     rows.append(f"| {out_f}x{in_f} | {rate} | {ks} | failed: {e} |")
                 else:
