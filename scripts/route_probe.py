@@ -65,12 +65,7 @@ def main() -> None:
         for batch in args.batches:
             base = bench_bf16(out_f, in_f, batch, torch.float16, replays=20) * 1e6
             for rate in args.rates:
-                n, layers, tables = make_sets(rate, out_f, in_f, batch)
-                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-                tab = tables.table(x.dtype, x.device)
-                w = dequantize(layers[0][0], tables, layers[0][2])
-                exact = exact_matmul(x, w)
-                ref_err = lowp_reference_error(x, w, exact)
+                n, layers, tables, x, tab, exact, ref_err = timing_case(rate, out_f, in_f, batch)
                 cells, worst = [], 0.0
                 for name, v in VARIANTS.items():
                     if (name == "row-tile" and rate > 4) or (name != "v3" and batch > 8):
@@ -86,11 +81,20 @@ def main() -> None:
                 routed = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=20) * 1e6
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
                       + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
-                layers = w = None
+                layers = None
     if args.no_splits:
         return
     print()
     split_rows(2, [(4096, 4096), (1024, 4096), (2560, 960), (4096, 14336)], (2, 3, 4, 6, 8), (0, 1, 2, 4))
+
+
+def timing_case(rate: int, out_f: int, in_f: int, batch: int):
+    """Rotated weight sets, fp16 x, its table, the exact product and plain PyTorch's own fp16 error."""
+    n, layers, tables = make_sets(rate, out_f, in_f, batch)
+    x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+    w = dequantize(layers[0][0], tables, layers[0][2])
+    exact = exact_matmul(x, w)
+    return n, layers, tables, x, tables.table(x.dtype, x.device), exact, lowp_reference_error(x, w, exact)
 
 
 def copies_rows(shapes, batches, rates) -> None:
@@ -127,12 +131,7 @@ def batched_rows(shapes, batches, rates) -> None:
         for batch in batches:
             base = bench_bf16(out_f, in_f, batch, torch.float16, replays=20) * 1e6
             for rate in rates:
-                n, layers, tables = make_sets(rate, out_f, in_f, batch)
-                x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
-                tab = tables.table(x.dtype, x.device)
-                w = dequantize(layers[0][0], tables, layers[0][2])
-                exact = exact_matmul(x, w)
-                ref_err = lowp_reference_error(x, w, exact)
+                n, layers, tables, x, tab, exact, ref_err = timing_case(rate, out_f, in_f, batch)
                 cells = []
                 for variant, rep in ((1, 0), (3, 4), (3, 8)):
                     if rep == 8 and rate != 4:
@@ -149,7 +148,7 @@ def batched_rows(shapes, batches, rates) -> None:
                 routed = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=20) * 1e6
                 print(f"| {out_f}x{in_f} | {batch} | {rate} | " + " | ".join(cells)
                       + f" | {routed:.1f} | {base:.1f} | {worst:.2f} |", flush=True)
-                layers = w = None
+                layers = None
 
 
 if __name__ == "__main__":

@@ -330,3 +330,49 @@ def test_batched_model_matches_numerics_model(rate, m, k, bsz, ksplit):
     y = batched_model(x, codes, tables, row_scale, ksplit)
     ref = kernel_numerics_model(x, codes, tables, row_scale)
     assert rel_error(y, ref) <= 2 * unit_roundoff(torch.float16)
+
+
+# --- shared-memory layouts: the bank-quad arithmetic of the table fill and v5's x staging -----------
+# A 16-byte access by a warp is served in 4 phases of 8 lanes (quarter-warps); a phase is one wavefront
+# only when its 8 addresses fall in 8 different bank quads (16-byte unit index mod 8). Both expressions
+# below are the kernel's (fill_tables_as, x_unit); correctness does not depend on them, speed does.
+
+
+def _fill_slot(first: int, rl2: int, lane: int, r: int) -> int:
+    """Slot stored by lane `lane` at step r for an entry whose copies start at `first` (fill_tables_as)."""
+    copies = 1 << rl2
+    return first + ((r + (lane >> (3 - rl2))) & (copies - 1))
+
+
+@pytest.mark.parametrize("rl2", [0, 1, 2, 3])
+def test_table_fill_stores_are_conflict_free_and_complete(rl2):
+    copies = 1 << rl2
+    for stage_base in (0, 512 * 8, 512 * 8 + 512 * 4):  # stage starts (slots) as in SliceTables
+        for warp_first_entry in (0, 32, 480):
+            slots = set()
+            for r in range(copies):
+                for q in range(4):  # quarter-warps
+                    lanes = range(8 * q, 8 * q + 8)
+                    quads = {_fill_slot(stage_base + ((warp_first_entry + l) << rl2), rl2, l, r) % 8 for l in lanes}
+                    assert len(quads) == 8, (rl2, r, q)
+                for lane in range(32):
+                    slots.add(_fill_slot(stage_base + ((warp_first_entry + lane) << rl2), rl2, lane, r))
+            # every copy of every entry written exactly once
+            assert slots == {stage_base + ((warp_first_entry + lane) << rl2) + c for lane in range(32)
+                             for c in range(copies)}
+
+
+def _x_unit(b: int, q: int) -> int:
+    return b * 16 + (q ^ ((q >> 3) << 1) ^ (b & 1))
+
+
+def test_x_staging_swizzle_is_a_permutation_and_conflict_free():
+    for b in range(64):
+        assert sorted(_x_unit(b, q) for q in range(16)) == list(range(16 * b, 16 * b + 16))
+    for nt in range(8):  # fragment reads: lane (g, t) reads row 8 nt + g, group 4 t + i
+        for i in range(4):
+            for q in range(4):
+                lanes = range(8 * q, 8 * q + 8)
+                assert len({_x_unit(8 * nt + l // 4, 4 * (l % 4) + i) % 8 for l in lanes}) == 8, (nt, i, q)
+    for u0 in range(0, 128 * 8, 8):  # staging stores: unit u -> (row u / 16, group u % 16), 8 per phase
+        assert len({_x_unit(u // 16, u % 16) % 8 for u in range(u0, u0 + 8)}) == 8

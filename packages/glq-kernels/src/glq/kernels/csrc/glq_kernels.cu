@@ -1024,8 +1024,8 @@ __host__ __device__ constexpr int batched_x_bytes() { return kBWK * 2 * NT * 8 *
 __device__ __forceinline__ int x_unit(int b, int q) { return b * kSliceGroups + (q ^ ((q >> 3) << 1) ^ (b & 1)); }
 
 // Keeps a decoded fragment in registers: without it ptxas sank the sign arithmetic into every n-tile's
-// (conditional) MMA block and recomputed it there, 24 IMAD/LOP3 per n-tile (twice the kernel's
-// instructions at NT = 8).
+// (conditional) MMA block and recomputed it there, 24 IMAD/LOP3 per n-tile. No measurable time on its
+// own (batch 64: 57.5 -> 57.2 us), kept for the shorter loop.
 __device__ __forceinline__ void pin(uint4& v) { asm volatile("" : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)); }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
@@ -1041,9 +1041,9 @@ __device__ __forceinline__ void column_sync(int wk) {
 }
 
 // XS = NT >= 4: x fragments from the staging buffers. At NT = 2 each x fragment feeds 4 MMAs and the
-// __ldg path (L1 hits) was faster (H200, batch 16, 4096x14336: 26.4 against 28.5 us at 2 bpw, 39.4
-// against 50.4 at 4 bpw); at NT = 8 the scattered __ldg of 8 rows x 4 lanes touched 16 cache lines per
-// load and staging won (batch 64: 83.0 -> 65.0 us at 2 bpw, 92.5 -> 79.6 at 4 bpw).
+// __ldg path (L1 hits) was faster (H100, batch 16, 4096x14336: 25.7 against 27.7 us at 2 bpw, 38.2
+// against 46.9 at 4 bpw); at NT = 4-8 the scattered __ldg of 8 rows x 4 lanes touched 16 cache lines
+// per load and staging won (batch 64 with the odd reduction stride: 83.1 -> 57.5 us at 2 bpw).
 template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = (NT >= 4)>
 __global__ void __launch_bounds__(kBThreads, 1)
     glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
@@ -1553,8 +1553,8 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
 
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
 // rep 8 or 4 picks the table copies at rate 4; else 8 on layers of at least kWideTableWeights weights
-// (v4's rule; batches 16-64 at 4 bpw, H100: 4096x14336 and 14336x4096 4-9% faster, 4096x4096 up to 5%
-// slower), 4 otherwise.
+// (v4's rule; 4 bpw, H100, against 4 copies: 4096x14336 and 14336x4096 2-10% faster at batches 16-32,
+// -3% to +2% at 64; 4096x4096 2-7% slower), 4 otherwise.
 int batched_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (rate == 4 && rep != 4 && rep != 8) {
     if (static_cast<long long>(M) * K >= kWideTableWeights) {
