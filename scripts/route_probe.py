@@ -3,7 +3,7 @@
 v4 and its row-tile variant (rates 2-4) forced, the public matmul (ops.py's routing) and bf16 cuBLAS,
 fp16, graph replays of back-to-back calls as in the benchmark; then v4's split counts on the mid-size
 layers. Usage on a GPU machine: scripts/gpu_run.sh python3 scripts/route_probe.py [--small] [--batches 1 2 8]
-[--shapes 4096x14336 576x576] [--rates 2 4] [--no-splits] [--copies]
+[--shapes 4096x14336 576x576] [--rates 2 4] [--no-splits] [--copies] [--batched] [--batched-splits]
 (--small: only the layers below ops.LARGE_LAYER_WEIGHTS, which are all v4's above it)."""
 
 import argparse
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--copies", action="store_true",
                     help="only v4 with 4 against 8 table copies at rates 4-7 (--shapes, --batches, --rates)")
     ap.add_argument("--batched", action="store_true",
-                    help="only batches 9-64: the MMA kernel, v5 (and with 8 table copies at rate 4), routed, bf16")
+                    help="only batches 9-64: the MMA kernel, v5 (4 and 8 table copies at rate 4), routed, fp16 cuBLAS")
     ap.add_argument("--batched-splits", action="store_true",
                     help="only v5's forced K splits (--shapes, --batches over 8, --rates)")
     args = ap.parse_args()
