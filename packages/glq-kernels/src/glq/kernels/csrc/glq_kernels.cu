@@ -1010,11 +1010,15 @@ __host__ __device__ constexpr int batched_nt_of(int B) { return B <= 16 ? 2 : B 
 __host__ __device__ constexpr int batched_red_ld(int B) { return B | 1; }
 __host__ __device__ constexpr int batched_red_bytes(int B) { return kBWK * kBRows * batched_red_ld(B) * 4; }
 
-// x staging in shared memory (XS, NT >= 4): per K column of warps (wk), two buffers of one slice each,
-// x rows 0..8*NT-1 x the slice's 16 groups (16-byte units). red reuses that space once every warp
-// has left the slice loop.
-template <int NT>
-__host__ __device__ constexpr int batched_x_bytes() { return kBWK * 2 * NT * 8 * kSliceGroups * 16; }
+// Whether the batched kernel stages x in shared memory at NT n-tiles (XS, see the kernel).
+__host__ __device__ constexpr bool batched_stages_x(int nt) { return nt >= 4; }
+
+// Its staging buffers: per K column of warps (wk), two buffers of one slice each, x rows 0..8*NT-1 x
+// the slice's 16 groups (16-byte units); 0 without staging. red reuses that space once every warp has
+// left the slice loop.
+__host__ __device__ constexpr int batched_x_bytes(int nt) {
+  return batched_stages_x(nt) ? kBWK * 2 * nt * 8 * kSliceGroups * 16 : 0;
+}
 
 // Where x row b's group q (0..15 within the slice) sits in a staging buffer, in 16-byte units.
 // Fragment reads (lane g, t: row 8 nt + g, group 4t + i) must hit 8 different bank quads per
@@ -1044,14 +1048,14 @@ __device__ __forceinline__ void column_sync(int wk) {
 // __ldg path (L1 hits) was faster (H100, batch 16, 4096x14336: 25.7 against 27.7 us at 2 bpw, 38.2
 // against 46.9 at 4 bpw); at NT = 4-8 the scattered __ldg of 8 rows x 4 lanes touched 16 cache lines
 // per load and staging won (batch 64 with the odd reduction stride: 83.1 -> 57.5 us at 2 bpw).
-template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = (NT >= 4)>
+template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = batched_stages_x(NT)>
 __global__ void __launch_bounds__(kBThreads, 1)
     glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
   constexpr int kTabBytes = SliceTables<N16, HAS8, RL2, 0>::bytes();
-  constexpr int kXBuf = batched_x_bytes<NT>() / (2 * kBWK);  // one slice of x
+  constexpr int kXBuf = batched_x_bytes(NT) / (2 * kBWK);  // XS: one slice of x
   char* xs = reinterpret_cast<char*>(smem) + kTabBytes;
   float* red = reinterpret_cast<float*>(xs);
   const int G = p.K / 8;
@@ -1565,9 +1569,7 @@ int batched_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, 
   }
   const GemvInfo k = pick_batched(rate, dtype, B, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int nt = batched_nt_of(B);
-  const int x_bytes = nt == 2 ? 0 : nt == 4 ? batched_x_bytes<4>() : batched_x_bytes<8>();  // XS at NT >= 4
-  const int smem = k.table_bytes + std::max(x_bytes, batched_red_bytes(B));
+  const int smem = k.table_bytes + std::max(batched_x_bytes(batched_nt_of(B)), batched_red_bytes(B));
   return plan_slices(k.fn, kBThreads, smem, kBRows, kBWK, k.copies, kKernelBatched, B, M, K, ksplit, device, plan);
 }
 
