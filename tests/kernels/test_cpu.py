@@ -336,6 +336,13 @@ def test_cuda_sources_compile(tmp_path):
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
+    # every matmul kernel can add its K splits through a thread-block cluster (finish_split_cluster):
+    # a cluster barrier and loads from another CTA's shared memory
+    for e in pdl:
+        if "fwht" not in e.split("(")[0]:
+            body = e.split("\n}\n")[0]
+            assert "barrier.cluster.arrive" in body and "barrier.cluster.wait" in body, e[:120]
+            assert "mapa.shared::cluster" in body and "ld.shared::cluster" in body, e[:120]
     for nt in (2, 4, 8):  # the batched kernel (v5) at every n-tile count, rates 2..4; x staged from NT = 4
         staged = "Lb1E" if nt >= 4 else "Lb0E"
         for stages in ("Li1ELb0E", "Li1ELb1E", "Li2ELb0E"):

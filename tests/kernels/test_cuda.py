@@ -544,3 +544,46 @@ def test_split_k_launches_on_two_streams_at_once(cuda_ext):
     torch.cuda.synchronize()
     for i in range(2):
         assert all(torch.equal(o, ref[i]) for o in outs[i]), i
+
+
+def test_cluster_split_is_the_workspace_split_bit_for_bit(cuda_ext, monkeypatch):
+    """Split-K through a thread-block cluster (the ksplit CTAs of a row block add their partials in
+    distributed shared memory, compute capability >= 9) gives the bits of the workspace-and-counter
+    split (GLQ_KERNELS_CLUSTER=0) for every kernel that splits: the MMA kernel, v4, v5 and the row-tile
+    variant, at ragged shapes and batches, several rounds of persistent items (14336 rows) and split
+    counts 2-8 (9 and up always take the workspace). The planner takes a cluster only where it costs no
+    resident CTAs (and for the MMA kernel only up to batch 8), so some cases plan the workspace either way."""
+    cc = torch.cuda.get_device_capability()
+    clustered = set()
+    cases = [  # kernel variant, rates, batches
+        (1, (2, 5, 8), (1, 7, 33)),
+        (2, (2, 3, 4, 7), (1, 5)),
+        (3, (2, 4), (9, 24, 64)),
+        (4, (2, 4), (1, 3)),
+    ]
+    for out_f, in_f in [(960, 2688), (14336, 4096), (200, 8 * 300)]:
+        for variant, rates, batches in cases:
+            for rate in rates:
+                codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=rate + variant, device="cuda")
+                for b in batches:
+                    dtype = DTYPES[b % 2]
+                    x = torch.randn(b, in_f, device="cuda").to(dtype)
+                    table = tables.table(dtype, x.device)
+                    for ks in (2, 3, 5, 8):
+                        plan = torch.ops.glq_cuda.matmul_plan(b, out_f, in_f, rate, int(dtype == torch.bfloat16), 0,
+                                                              ks, 0, variant)
+                        if plan[6] != variant or plan[2] < 2:  # the kernel or the split was not plannable here
+                            continue
+                        assert plan[7] in (0, 1) and (plan[7] == 0 or cc[0] >= 9), (variant, plan)
+                        if plan[7]:
+                            clustered.add(variant)
+                        y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, variant)
+                        monkeypatch.setenv("GLQ_KERNELS_CLUSTER", "0")
+                        want = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks,
+                                                         variant)
+                        assert torch.ops.glq_cuda.matmul_plan(b, out_f, in_f, rate, int(dtype == torch.bfloat16),
+                                                              0, ks, 0, variant)[7] == 0
+                        monkeypatch.delenv("GLQ_KERNELS_CLUSTER")
+                        assert y.isfinite().all() and torch.equal(y, want), (out_f, in_f, variant, rate, b, ks, plan)
+    if cc[0] >= 9:
+        assert clustered == {1, 2, 3, 4}, clustered

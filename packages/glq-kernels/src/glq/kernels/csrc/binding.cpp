@@ -88,7 +88,7 @@ at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& t
   p.row_scale = row_scale.data_ptr<float>();
   p.y = y.data_ptr();
   at::Tensor ws;
-  if (plan.ksplit > 1) {
+  if (plan.ksplit > 1 && !plan.cluster) {
     ws = at::empty({plan.ksplit, B, M}, x.options().dtype(at::kFloat));
     p.workspace = ws.data_ptr<float>();
     p.counters = counters_for(x, plan.row_blocks, c10::cuda::getCurrentCUDAStream(x.get_device()));
@@ -111,7 +111,8 @@ std::vector<int64_t> matmul_plan_info(int64_t B, int64_t M, int64_t K, int64_t r
                                       int64_t variant) {
   glq::MatmulPlan plan;
   check_cuda(glq::matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant, &plan), "matmul_plan");
-  return {plan.rows_per_cta, plan.row_blocks, plan.ksplit, plan.grid, plan.rep, plan.smem_bytes, plan.kernel};
+  return {plan.rows_per_cta, plan.row_blocks, plan.ksplit, plan.grid, plan.rep, plan.smem_bytes, plan.kernel,
+          plan.cluster};
 }
 
 at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,

@@ -16,9 +16,11 @@
 //   for 8 random picks). With REP = 8 copies, lane l reads copy l%8, laid out so that copy c
 //   lives only in bank quad c: every phase is conflict-free. Fewer copies trade conflicts for
 //   shared memory (rates >= 5 do not fit 8 copies).
-// * Split-K for small M: partial sums go to a workspace, and the last CTA of each row block
-//   (integer counter) adds them in split order, so results are bit-identical run to run. No
-//   float atomics anywhere.
+// * Split-K for small M: the K splits of a row block form a thread-block cluster and add their
+//   partial sums through distributed shared memory in split order (finish_split_cluster; compute
+//   capability >= 9, where clusters keep the CTAs resident), else partial sums go to a workspace and
+//   the last CTA of each row block (integer counter) adds them in split order. Either way results
+//   are bit-identical run to run, and to each other. No float atomics anywhere.
 // * Persistent CTAs: tables are copied into shared memory once per CTA, not once per tile.
 
 #include "glq_kernels.h"
@@ -105,6 +107,30 @@ __device__ __forceinline__ void pdl_launch_next() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+}
+
+// Split-K inside a thread-block cluster (compute capability >= 9, see split_cluster): the ksplit CTAs
+// of one row block form a cluster (rank = split) and add their partial sums through distributed shared
+// memory instead of a global workspace and an arrival counter. cluster_sync() is a full barrier of the
+// cluster's threads with release/acquire order on shared memory.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();  // never planned below compute capability 9
+#endif
+}
+
+// The float at `local` (this CTA's shared memory) in the shared memory of cluster rank `rank`.
+__device__ __forceinline__ float load_cluster(const float* local, int rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+#endif
+  return v;
 }
 
 // Codes are read exactly once: keep them out of L1 so the x fragments stay there.
@@ -355,13 +381,61 @@ __device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restr
   if (threadIdx.x == 0) p.counters[rb] = 0;
 }
 
+// Split-K in a cluster (split_cluster): each of the ksplit CTAs of the cluster has its partial sums of the
+// item's rows in its own shared memory, part[row * ld + b]. Rank q finishes the outputs of strips q, q +
+// ksplit, ... (NTHREADS * U outputs each): it reads the ksplit partials through distributed shared memory
+// and adds them in rank (= split) order, the order finish_split_k adds the workspace slices in, so both
+// give bit-identical y. Costs two cluster barriers and one distributed shared-memory round trip per strip
+// instead of a workspace store, a fence, an atomic and a workspace load through L2: 0.3-0.9 us less per
+// launch on an H100 (notes/kernels.md, stop 19).
+template <typename T, int NTHREADS, int U>
+__device__ __forceinline__ void finish_split_cluster(const MatmulParams& p, T* __restrict__ y, const float* part,
+                                                     int ld, int rbase, int rows, int ksplit, int rank) {
+  const int n = rows * p.B;
+  int r[U], b[U];  // b = -1: no output
+  float scale[U];
+  auto index = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = base + u * NTHREADS;
+      r[u] = rbase + idx % rows;
+      b[u] = idx < n && r[u] < p.M ? idx / rows : -1;
+      scale[u] = b[u] >= 0 ? p.row_scale[r[u]] : 0.f;  // in flight across the barrier below
+    }
+  };
+  int base = rank * NTHREADS * U + static_cast<int>(threadIdx.x);
+  index(base);
+  cluster_sync();  // every split's partials are in place
+  for (; base < n;) {
+    float sum[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) sum[u] = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < ksplit; ++s) {  // fixed order per output
+      float v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = b[u] >= 0 ? load_cluster(part + (r[u] - rbase) * ld + b[u], s) : 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) sum[u] += v[u];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (b[u] >= 0) y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u] * scale[u] * p.gain);
+    base += ksplit * NTHREADS * U;
+    if (base < n) index(base);
+  }
+  cluster_sync();  // no CTA reuses or leaves its partials while another one reads them
+}
+
 // The small-batch and batched kernels' item epilogue: red holds PARTS partial sums per (row, batch
 // column) of the item's ROWS rows (red[(part * ROWS + row) * ld + b], ld >= B); they are added in part
 // order, then written to y (one split) or to this split's workspace slice, and the last split finishes.
 // U > 1: U outputs per thread at once (their row_scale loads in flight together; see finish_split_k).
+// cluster: the split CTAs form a cluster (split_cluster); this CTA's sums then go to red's first part
+// (each thread overwrites only the outputs it alone has read), and finish_split_cluster adds them up.
 template <typename T, int ROWS, int PARTS, int NTHREADS, int U = 1>
-__device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, const float* red, int ld,
-                                           int rb, int row_base, int ks, int ksplit, int& s_last) {
+__device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, float* red, int ld, int rb,
+                                           int row_base, int ks, int ksplit, bool cluster, int& s_last) {
   __syncthreads();
   if constexpr (U == 1) {
     for (int idx = threadIdx.x; idx < ROWS * p.B; idx += NTHREADS) {
@@ -374,6 +448,8 @@ __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict_
       if (r < p.M) {
         if (ksplit == 1)
           y[b * p.y_stride + r] = TypeOps<T>::from_float(sum * p.row_scale[r] * p.gain);
+        else if (cluster)
+          red[rl * ld + b] = sum;
         else
           p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = sum;
       }
@@ -401,20 +477,27 @@ __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict_
         if (b[u] < 0) continue;
         if (ksplit == 1)
           y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u] * scale[u] * p.gain);
+        else if (cluster)
+          red[(r[u] - row_base) * ld + b[u]] = sum[u];
         else
           p.workspace[(static_cast<long long>(ks) * p.B + b[u]) * p.M + r[u]] = sum[u];
       }
     }
   }
-  if (ksplit > 1) finish_split_k<T, NTHREADS, U>(p, y, rb, row_base, ROWS, ksplit, s_last);
+  if (ksplit > 1 && cluster)
+    finish_split_cluster<T, NTHREADS, U>(p, y, red, ld, row_base, ROWS, ksplit, ks);
+  else if (ksplit > 1)
+    finish_split_k<T, NTHREADS, U>(p, y, rb, row_base, ROWS, ksplit, s_last);
   __syncthreads();  // red and s_last are reused by the next item
 }
 
 template <typename T, int N16, bool HAS8, int NT, int R, int PF>
 __global__ void __launch_bounds__(kThreads, 2)
     glq_matmul_kernel(const MatmulParams p, const int row_blocks, const int ksplit,
-                      const int rep_log2) {
-  extern __shared__ uint4 smem[];  // tables: stage-major, entry-major, REP copies per entry
+                      const int rep_log2, const bool cluster) {
+  // tables: stage-major, entry-major, REP copies per entry; with cluster (split_cluster) this CTA's
+  // partial sums of an item, part[local row * B + b], after them
+  extern __shared__ uint4 smem[];
   __shared__ int s_last;
   const int G = p.K / 8;
   const int rep = 1 << rep_log2;
@@ -440,8 +523,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   pdl_launch_next();
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int rb = item % row_blocks;
-    const int ks = item / row_blocks;
+    const int rb = item / ksplit;  // as slice_item
+    const int ks = item % ksplit;
     const int warp_row0 = rb * rows_per_cta + warp * 16 * R;
     const int row0 = warp_row0 + g;  // row of (rt 0, h 0) for this lane
     const int c_begin = ks * chunks_per_split;
@@ -527,33 +610,33 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
 
-    // Epilogue. acc[rt][nt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, 2t+1)
-    if (ksplit == 1) {
+    // Epilogue. acc[rt][nt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t), (row g+8, 2t+1).
+    // One split: y. Clustered split: this CTA's partials, part[local row * B + b], after the tables (the
+    // first cluster_sync of finish_split_cluster orders these stores before every rank's reads). Else the
+    // split's workspace slice.
+    float* part = reinterpret_cast<float*>(smem + ((N16 * 512 + (HAS8 ? 256 : 0)) << rep_log2));
 #pragma unroll
-      for (int rt = 0; rt < R; ++rt)
+    for (int rt = 0; rt < R; ++rt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int r = row0 + rt * 16 + (q >> 1) * 8;
-            const int b = nt * 8 + 2 * t + (q & 1);
-            if (r < p.M && b < p.B)
+        for (int q = 0; q < 4; ++q) {
+          const int rl = warp * 16 * R + rt * 16 + (q >> 1) * 8 + g;  // row0 + rt * 16 + (q >> 1) * 8 - rbase
+          const int r = row0 + rt * 16 + (q >> 1) * 8;
+          const int b = nt * 8 + 2 * t + (q & 1);
+          if (r < p.M && b < p.B) {
+            if (ksplit == 1)
               y[b * p.y_stride + r] = TypeOps<T>::from_float(acc[rt][nt][q] * p.row_scale[r] * p.gain);
-          }
-    } else {
-#pragma unroll
-      for (int rt = 0; rt < R; ++rt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int r = row0 + rt * 16 + (q >> 1) * 8;
-            const int b = nt * 8 + 2 * t + (q & 1);
-            if (r < p.M && b < p.B)
+            else if (cluster)
+              part[rl * p.B + b] = acc[rt][nt][q];
+            else
               p.workspace[(static_cast<long long>(ks) * p.B + b) * p.M + r] = acc[rt][nt][q];
           }
+        }
+    if (ksplit > 1 && cluster)
+      finish_split_cluster<T, kThreads, 1>(p, y, part, p.B, rb * rows_per_cta, rows_per_cta, ksplit, ks);
+    else if (ksplit > 1)
       finish_split_k<T, kThreads>(p, y, rb, rb * rows_per_cta, rows_per_cta, ksplit, s_last);
-    }
   }
 }
 
@@ -753,16 +836,21 @@ __device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulP
 }
 
 // Work item `item` of a slice kernel: row block rb (rows row_base.., `rows` per block) and K split ks
-// (slices s_first..s_stop-1).
+// (slices s_first..s_stop-1). Item i is split i % ksplit of row block i / ksplit, the order a clustered
+// split needs (split_clusters: the grid is then a multiple of ksplit and CTA i is rank i % ksplit of its
+// cluster, so the items a CTA visits, i, i + grid, ..., keep its split and the CTAs of a cluster take the
+// same row blocks in step). The workspace split uses the same order: one mapping for both keeps the
+// cluster flag out of the item loop, where it cost v4 44 more SASS per slice (ptxas allocated 90
+// registers instead of 106 and recomputed lane addresses inside the loop).
 struct SliceItem {
   int rb, ks, row_base, s_first, s_stop;
 };
 
-__device__ __forceinline__ SliceItem slice_item(int item, int row_blocks, int rows, int slices_per_split,
-                                                int n_slices) {
+__device__ __forceinline__ SliceItem slice_item(int item, int rows, int slices_per_split, int n_slices,
+                                                int ksplit) {
   SliceItem it;
-  it.rb = item % row_blocks;
-  it.ks = item / row_blocks;
+  it.rb = item / ksplit;
+  it.ks = item % ksplit;
   it.row_base = it.rb * rows;
   it.s_first = it.ks * slices_per_split;
   it.s_stop = min(n_slices, it.s_first + slices_per_split);
@@ -776,7 +864,7 @@ __device__ __forceinline__ SliceItem slice_item(int item, int row_blocks, int ro
 // Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
 template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0>
 __global__ void __launch_bounds__(kGemvThreads, MINB)
-    glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+    glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
@@ -802,7 +890,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
+    const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
     const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     // rows of (rt, h = 0) for this lane are row_base + 16 rt + g; the whole item is inside M?
     const bool rows_ok = row_base + kGemvRows <= p.M;
@@ -861,7 +949,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         const int b = 2 * t + (q & 1);
         if (b < B) red[(warp * kGemvRows + rl) * B + b] = acc[rt][q];
       }
-    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, cluster, s_last);
   }
 }
 
@@ -881,7 +969,7 @@ constexpr int kRtStride = kGemvWarps / kGemvT;  // warps per row tile, slices be
 
 template <typename T, int N16, bool HAS8, int RL2, int NB>
 __global__ void __launch_bounds__(kGemvThreads, 1)
-    glq_gemv_rt_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+    glq_gemv_rt_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
@@ -907,7 +995,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2>(smem, p);
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const SliceItem it = slice_item(item, row_blocks, kGemvRows, slices_per_split, n_slices);
+    const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
     const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     const bool rows_ok = row_base + kGemvRows <= p.M;
     const int row0 = row_base + 16 * rt + g;
@@ -954,7 +1042,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       const int b = 2 * t + (q & 1);
       if (b < B) red[(col * kGemvRows + rl) * B + b] = acc[q];
     }
-    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, cluster, s_last);
   }
 }
 
@@ -1050,7 +1138,7 @@ __device__ __forceinline__ void column_sync(int wk) {
 // per load and staging won (batch 64 with the odd reduction stride: 83.1 -> 57.5 us at 2 bpw).
 template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = batched_stages_x(NT)>
 __global__ void __launch_bounds__(kBThreads, 1)
-    glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit) {
+    glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
   constexpr int REP = 1 << RL2;
@@ -1108,7 +1196,7 @@ __global__ void __launch_bounds__(kBThreads, 1)
   };
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const SliceItem it = slice_item(item, row_blocks, kBRows, slices_per_split, n_slices);
+    const SliceItem it = slice_item(item, kBRows, slices_per_split, n_slices, ksplit);
     const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     const int warp_row0 = row_base + wm * kBT * 16;  // row tile rt: warp_row0 + 16 rt + g (+ 8)
     const bool rows_ok = warp_row0 + kBT * 16 <= p.M;
@@ -1223,7 +1311,7 @@ __global__ void __launch_bounds__(kBThreads, 1)
           const int b = nt * 8 + 2 * t + (q & 1);
           if (b < B) red[(wk * kBRows + rl) * ld + b] = acc[rt][nt][q];
         }
-    store_item<T, kBRows, kBWK, kBThreads, kBEpilogueU>(p, y, red, ld, rb, row_base, ks, ksplit, s_last);
+    store_item<T, kBRows, kBWK, kBThreads, kBEpilogueU>(p, y, red, ld, rb, row_base, ks, ksplit, cluster, s_last);
   }
 }
 
@@ -1396,8 +1484,10 @@ cudaError_t allow_smem(const void* fn, int smem, int device) {
 // (an FWHT before a matmul, a matmul before an FWHT). Stream capture records it as a programmatic edge
 // of the CUDA graph. GLQ_KERNELS_PDL=0 turns it off; a comma-separated list of kinds (fwht, small,
 // batched, mma) keeps it for those only (for measurements, scripts/pdl_probe.py).
+// cluster > 1: CTAs i .. i + cluster - 1 (i a multiple of cluster) form one thread-block cluster
+// (split_cluster planned it; compute capability >= 9), with or without the programmatic launch.
 cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream,
-                          const char* kind, bool allowed = true) {
+                          const char* kind, bool allowed = true, int cluster = 1) {
   // per device: 0 unknown, 1 compute capability >= 9, 2 older (no lock on the launch path: eager decoding
   // launches hundreds of kernels per token)
   static std::atomic<signed char> capable[64];
@@ -1418,17 +1508,26 @@ cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, si
     }
     pdl = known == 1;
   }
-  if (!pdl) return cudaLaunchKernel(fn, grid, block, args, smem, stream);
+  if (!pdl && cluster <= 1) return cudaLaunchKernel(fn, grid, block, args, smem, stream);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = n;
   return cudaLaunchKernelExC(&cfg, fn, args);
 }
 
@@ -1456,6 +1555,46 @@ cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* pe
   return err;
 }
 
+// Split-K in thread-block clusters (finish_split_cluster): clusters of `ksplit` CTAs of `fn` that can be
+// resident at once, or 0 where the split must go through the global workspace instead: ksplit outside
+// 2..8 (8 is the portable cluster size), compute capability < 9, GLQ_KERNELS_CLUSTER=0 (for
+// measurements), or no cluster fits. occupancy() must have allowed `smem` for `fn` first.
+int split_clusters(const void* fn, int threads, int smem, int ksplit, int device) {
+  if (ksplit < 2 || ksplit > 8) return 0;
+  const char* env = std::getenv("GLQ_KERNELS_CLUSTER");
+  if (env && env[0] == '0' && !env[1]) return 0;
+  static std::map<std::tuple<const void*, int, int, int, int>, int> known;  // under g_launch_mu
+  std::lock_guard<std::mutex> lock(g_launch_mu);
+  const auto key = std::make_tuple(fn, threads, smem, ksplit, device);
+  const auto hit = known.find(key);
+  if (hit != known.end()) return hit->second;
+  int major = 0, sms = 0, clusters = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (major >= 9) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(ksplit * std::max(1, sms / ksplit)));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(ksplit);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg) != cudaSuccess) {
+      cudaGetLastError();  // a driver without cluster support: the workspace path
+      clusters = 0;
+    }
+  }
+  known[key] = clusters;
+  return clusters;
+}
+
 // The split count actually realised when `n` units are dealt out `ceil(n / s)` per split.
 int realised_split(int n, int s) {
   const int per = (n + s - 1) / s;
@@ -1468,34 +1607,52 @@ struct SplitCost {
   // warps' share (0: the busiest warp's steps alone decide).
   double sm_load;
   double split;  // the workspace pass of a split item, in steps
+  double cluster_split;  // the same through a thread-block cluster (split_clusters), in steps
 };
 
 // Shared planner of the small-batch and batched kernels: work items are row blocks of `rows` rows x
-// K splits, `parts` warps of a CTA split an item's slices. In auto mode (ksplit <= 0) the cost in
-// warp steps is rounds of items x the item's steps (its busiest warp's slices, or the SM's throughput),
-// plus the per-item cross-warp reduction (~half a step) and, with splits, the workspace pass; the
-// smallest split reaching the best cost wins.
+// K splits, `parts` warps of a CTA split an item's slices. The cost in warp steps is rounds of items x
+// the item's steps (its busiest warp's slices, or the SM's throughput), plus the per-item cross-warp
+// reduction (~half a step) and, with splits, the split pass: through a cluster where clusters of s CTAs
+// fit (split_clusters; fewer CTAs may then be resident, e.g. 120 of 132 on an H100 in clusters of 4),
+// else through the workspace, whichever costs less. In auto mode (ksplit <= 0) the smallest split
+// reaching the best cost wins.
 int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int rep, int kernel, int B, int M,
-                int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3}) {
+                int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3, 0.3}) {
   int per_sm = 0, sms = 0;
   const cudaError_t err = occupancy(fn, threads, smem, device, &per_sm, &sms);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int slots = per_sm * sms;
   const int row_blocks = (M + rows - 1) / rows;
   const int G = K / 8;
   const int n_slices = std::max(1, (G + kSliceGroups - 1) / kSliceGroups);
+  struct Choice {
+    double cost;
+    int slots;  // CTAs resident at once
+    bool cluster;
+  };
+  auto choose = [&](int s) {  // split s (realised) through a cluster or the workspace
+    const int sps = (n_slices + s - 1) / s;
+    const int items = row_blocks * s;
+    const int steps = (sps + parts - 1) / parts;
+    const double item = std::max(static_cast<double>(steps), cost_of.sm_load * sps / parts);
+    const int slots = per_sm * sms;
+    Choice c{((items + slots - 1) / slots) * (item + 0.5) + (s > 1 ? cost_of.split + 0.02 * s * B : 0.0), slots,
+             false};
+    const int clusters = split_clusters(fn, threads, smem, s, device);
+    if (clusters > 0) {
+      const int cslots = clusters * s;
+      const double cost = ((items + cslots - 1) / cslots) * (item + 0.5) + cost_of.cluster_split + 0.02 * s * B;
+      if (cost <= c.cost) c = {cost, cslots, true};
+    }
+    return c;
+  };
   if (ksplit <= 0) {
     double best = 1e30;
     ksplit = 1;
     for (int s = 1; s <= std::min(n_slices, 64); ++s) {
       if (realised_split(n_slices, s) != s) continue;
-      const int sps = (n_slices + s - 1) / s;
-      const int items = row_blocks * s;
-      const int waves = (items + slots - 1) / slots;
-      const int steps = (sps + parts - 1) / parts;
-      const double item = std::max(static_cast<double>(steps), cost_of.sm_load * sps / parts);
-      const double cost = waves * (item + 0.5) + (s > 1 ? cost_of.split + 0.02 * s * B : 0.0);
+      const double cost = choose(s).cost;
       if (cost < best - 1e-9) {
         best = cost;
         ksplit = s;
@@ -1503,10 +1660,12 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
     }
   }
   ksplit = realised_split(n_slices, std::max(1, std::min(ksplit, n_slices)));
+  const Choice c = choose(ksplit);
   plan->rows_per_cta = rows;
   plan->row_blocks = row_blocks;
   plan->ksplit = ksplit;
-  plan->grid = std::min(row_blocks * ksplit, slots);
+  plan->cluster = c.cluster ? 1 : 0;
+  plan->grid = std::min(row_blocks * ksplit, c.slots);  // a multiple of ksplit where clustered
   plan->rep = rep;
   plan->smem_bytes = smem;
   plan->kernel = kernel;
@@ -1535,7 +1694,10 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
   // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
   // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
   // less in steps of the slower higher rates (so 4096x4096 wants 1 split at 2 bpw and 2 at 4 bpw).
-  const SplitCost cost_of{1.5, 1.8 * 2.0 / rate};
+  // Through a cluster the pass is 0.3-0.9 us cheaper (stop 19), but costing it at half made the row-tile
+  // variant split 576x576 and 2560x960 at 2 bpw, 0.5-0.6 us slower than unsplit: the split choice stays
+  // the workspace's, and a cluster carries it out wherever it keeps the resident CTAs.
+  const SplitCost cost_of{1.5, 1.8 * 2.0 / rate, 1.8 * 2.0 / rate};
   return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, k.copies, kKernelGemv, B, M, K, ksplit,
                      device, plan, cost_of);
 }
@@ -1550,7 +1712,7 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
   // ~1.8 steps at every rate. Fitted to its forced splits at 2-4 bpw (H100, batch 1, route_probe.py
   // --small-splits): 576x576, 192x576, 1536x576 and 2560x960 are fastest unsplit (576x576 at 2 bpw
   // 3.5 us against 4.5 for the old plan's two splits), 576x1536 with three splits.
-  const SplitCost cost_of{1.0, 1.8};
+  const SplitCost cost_of{1.0, 1.8, 1.8};
   return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kRtStride, k.copies, kKernelGemvRt, B, M, K, ksplit,
                      device, plan, cost_of);
 }
@@ -1620,6 +1782,25 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
   plan->rep = rep;
   plan->smem_bytes = smem;
   plan->kernel = kKernelMma;
+  plan->cluster = 0;
+  if (ksplit > 1 && B <= 8) {
+    // Split through a cluster where the partial-sum buffer after the tables keeps the CTAs per SM. Not
+    // above batch 8: 4096x4096 at batch 32 and 5 bpw took 93 us against 82.6 through the workspace (H100).
+    const int smem_c = smem + rows_per_cta * B * 4;
+    int per_sm_c = 0;
+    if (occupancy(k.fn, kThreads, smem_c, device, &per_sm_c, &sms) == cudaSuccess && per_sm_c >= per_sm) {
+      const int clusters = split_clusters(k.fn, kThreads, smem_c, ksplit, device);
+      const int items = row_blocks * ksplit;
+      // only where it keeps the rounds of items (clusters may leave SMs of a GPC idle)
+      if (clusters > 0 && (items + clusters * ksplit - 1) / (clusters * ksplit) == (items + slots - 1) / slots) {
+        plan->cluster = 1;
+        plan->smem_bytes = smem_c;
+        plan->grid = std::min(row_blocks * ksplit, clusters * ksplit);
+      }
+    } else {
+      cudaGetLastError();
+    }
+  }
   return cudaSuccess;
 }
 
@@ -1650,20 +1831,24 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     const GemvInfo k =
         plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype, plan.rep) : pick_gemv_rt(p.rate, p.dtype);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
+    bool cluster = plan.cluster != 0;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
-                    const_cast<int*>(&plan.ksplit)};
+                    const_cast<int*>(&plan.ksplit), &cluster};
     cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kGemvThreads), args,
-                                    static_cast<size_t>(plan.smem_bytes), stream, "small");
+                                    static_cast<size_t>(plan.smem_bytes), stream, "small", true,
+                                    cluster ? plan.ksplit : 1);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
   if (plan.kernel == kKernelBatched) {
     const GemvInfo k = pick_batched(p.rate, p.dtype, p.B, plan.rep);
     if (k.fn == nullptr || p.x_stride * p.B >= (1LL << 31)) return cudaErrorInvalidValue;
+    bool cluster = plan.cluster != 0;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
-                    const_cast<int*>(&plan.ksplit)};
+                    const_cast<int*>(&plan.ksplit), &cluster};
     cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kBThreads), args,
-                                    static_cast<size_t>(plan.smem_bytes), stream, "batched");
+                                    static_cast<size_t>(plan.smem_bytes), stream, "batched", true,
+                                    cluster ? plan.ksplit : 1);
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
@@ -1671,10 +1856,12 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   int rep_log2 = 0;
   while ((1 << rep_log2) < plan.rep) ++rep_log2;
+  bool cluster = plan.cluster != 0;
   void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
-                  const_cast<int*>(&plan.ksplit), &rep_log2};
+                  const_cast<int*>(&plan.ksplit), &rep_log2, &cluster};
   cudaError_t err = launch_kernel(k.fn, dim3(plan.grid), dim3(kThreads), args,
-                                  static_cast<size_t>(plan.smem_bytes), stream, "mma");
+                                  static_cast<size_t>(plan.smem_bytes), stream, "mma", true,
+                                  cluster ? plan.ksplit : 1);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -33,6 +33,8 @@ struct MatmulPlan {
   int rep;           // table copies in shared memory (1, 2, 4 or 8)
   int smem_bytes;    // dynamic shared memory per CTA
   int kernel;        // MatmulKernel actually planned (not kKernelAuto)
+  int cluster = 0;   // 1: the ksplit CTAs of a row block form a thread-block cluster and add their
+                     // partial sums through distributed shared memory (no workspace, no counters)
 };
 
 struct MatmulParams {
