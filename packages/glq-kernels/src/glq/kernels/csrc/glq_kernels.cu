@@ -109,7 +109,7 @@ __device__ __forceinline__ void pdl_launch_next() {
 #endif
 }
 
-// Split-K inside a thread-block cluster (compute capability >= 9, see split_cluster): the ksplit CTAs
+// Split-K inside a thread-block cluster (compute capability >= 9, see split_clusters): the ksplit CTAs
 // of one row block form a cluster (rank = split) and add their partial sums through distributed shared
 // memory instead of a global workspace and an arrival counter. cluster_sync() is a full barrier of the
 // cluster's threads with release/acquire order on shared memory.
@@ -381,7 +381,7 @@ __device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restr
   if (threadIdx.x == 0) p.counters[rb] = 0;
 }
 
-// Split-K in a cluster (split_cluster): each of the ksplit CTAs of the cluster has its partial sums of the
+// Split-K in a cluster (split_clusters): each of the ksplit CTAs of the cluster has its partial sums of the
 // item's rows in its own shared memory, part[row * ld + b]. Rank q finishes the outputs of strips q, q +
 // ksplit, ... (NTHREADS * U outputs each): it reads the ksplit partials through distributed shared memory
 // and adds them in rank (= split) order, the order finish_split_k adds the workspace slices in, so both
@@ -431,7 +431,7 @@ __device__ __forceinline__ void finish_split_cluster(const MatmulParams& p, T* _
 // column) of the item's ROWS rows (red[(part * ROWS + row) * ld + b], ld >= B); they are added in part
 // order, then written to y (one split) or to this split's workspace slice, and the last split finishes.
 // U > 1: U outputs per thread at once (their row_scale loads in flight together; see finish_split_k).
-// cluster: the split CTAs form a cluster (split_cluster); this CTA's sums then go to red's first part
+// cluster: the split CTAs form a cluster (split_clusters); this CTA's sums then go to red's first part
 // (each thread overwrites only the outputs it alone has read), and finish_split_cluster adds them up.
 template <typename T, int ROWS, int PARTS, int NTHREADS, int U = 1>
 __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, float* red, int ld, int rb,
@@ -495,7 +495,7 @@ template <typename T, int N16, bool HAS8, int NT, int R, int PF>
 __global__ void __launch_bounds__(kThreads, 2)
     glq_matmul_kernel(const MatmulParams p, const int row_blocks, const int ksplit,
                       const int rep_log2, const bool cluster) {
-  // tables: stage-major, entry-major, REP copies per entry; with cluster (split_cluster) this CTA's
+  // tables: stage-major, entry-major, REP copies per entry; with cluster (split_clusters) this CTA's
   // partial sums of an item, part[local row * B + b], after them
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
@@ -1485,7 +1485,7 @@ cudaError_t allow_smem(const void* fn, int smem, int device) {
 // of the CUDA graph. GLQ_KERNELS_PDL=0 turns it off; a comma-separated list of kinds (fwht, small,
 // batched, mma) keeps it for those only (for measurements, scripts/pdl_probe.py).
 // cluster > 1: CTAs i .. i + cluster - 1 (i a multiple of cluster) form one thread-block cluster
-// (split_cluster planned it; compute capability >= 9), with or without the programmatic launch.
+// (split_clusters planned it; compute capability >= 9), with or without the programmatic launch.
 cudaError_t launch_kernel(const void* fn, dim3 grid, dim3 block, void** args, size_t smem, cudaStream_t stream,
                           const char* kind, bool allowed = true, int cluster = 1) {
   // per device: 0 unknown, 1 compute capability >= 9, 2 older (no lock on the launch path: eager decoding
