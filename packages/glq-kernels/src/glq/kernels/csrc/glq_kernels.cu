@@ -29,6 +29,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -1555,45 +1556,51 @@ cudaError_t occupancy(const void* fn, int threads, int smem, int device, int* pe
   return err;
 }
 
-// Split-K in thread-block clusters (finish_split_cluster): clusters of `ksplit` CTAs of `fn` that can be
-// resident at once, or 0 where the split must go through the global workspace instead: ksplit outside
-// 2..8 (8 is the portable cluster size), compute capability < 9, GLQ_KERNELS_CLUSTER=0 (for
-// measurements), or no cluster fits. occupancy() must have allowed `smem` for `fn` first.
-int split_clusters(const void* fn, int threads, int smem, int ksplit, int device) {
-  if (ksplit < 2 || ksplit > 8) return 0;
+// Split-K in thread-block clusters (finish_split_cluster): [s] = clusters of s CTAs of `fn` (s = 2..8,
+// 8 being the portable cluster size) that can be resident at once, 0 where a split of s must go through
+// the global workspace instead: compute capability < 9, GLQ_KERNELS_CLUSTER=0 (for measurements), or no
+// cluster fits. Every size in one locked lookup: the planners run on every matmul call (eager decoding
+// makes hundreds a token). occupancy() must have allowed `smem` for `fn` first.
+using ClusterSlots = std::array<int, 9>;
+
+ClusterSlots split_clusters(const void* fn, int threads, int smem, int device) {
   const char* env = std::getenv("GLQ_KERNELS_CLUSTER");
-  if (env && env[0] == '0' && !env[1]) return 0;
-  static std::map<std::tuple<const void*, int, int, int, int>, int> known;  // under g_launch_mu
+  if (env && env[0] == '0' && !env[1]) return ClusterSlots{};
+  static std::map<std::tuple<const void*, int, int, int>, ClusterSlots> known;  // under g_launch_mu
   std::lock_guard<std::mutex> lock(g_launch_mu);
-  const auto key = std::make_tuple(fn, threads, smem, ksplit, device);
+  const auto key = std::make_tuple(fn, threads, smem, device);
   const auto hit = known.find(key);
   if (hit != known.end()) return hit->second;
-  int major = 0, sms = 0, clusters = 0;
+  ClusterSlots clusters{};
+  int major = 0, sms = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     cudaGetLastError();
-    return 0;
+    return clusters;
   }
-  if (major >= 9) {
+  for (int size = 2; major >= 9 && size <= 8; ++size) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(ksplit * std::max(1, sms / ksplit)));
+    cfg.gridDim = dim3(static_cast<unsigned>(size * std::max(1, sms / size)));
     cfg.blockDim = dim3(static_cast<unsigned>(threads));
     cfg.dynamicSmemBytes = static_cast<size_t>(smem);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(ksplit);
+    attr[0].val.clusterDim.x = static_cast<unsigned>(size);
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters[size], fn, &cfg) != cudaSuccess) {
       cudaGetLastError();  // a driver without cluster support: the workspace path
-      clusters = 0;
+      clusters[size] = 0;
     }
   }
   known[key] = clusters;
   return clusters;
 }
+
+// Clusters of `ksplit` CTAs from split_clusters' table (0 outside 2..8).
+int clusters_of(const ClusterSlots& slots, int ksplit) { return ksplit >= 2 && ksplit <= 8 ? slots[ksplit] : 0; }
 
 // The split count actually realised when `n` units are dealt out `ceil(n / s)` per split.
 int realised_split(int n, int s) {
@@ -1631,6 +1638,7 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
     int slots;  // CTAs resident at once
     bool cluster;
   };
+  const ClusterSlots cluster_slots = split_clusters(fn, threads, smem, device);
   auto choose = [&](int s) {  // split s (realised) through a cluster or the workspace
     const int sps = (n_slices + s - 1) / s;
     const int items = row_blocks * s;
@@ -1639,7 +1647,7 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
     const int slots = per_sm * sms;
     Choice c{((items + slots - 1) / slots) * (item + 0.5) + (s > 1 ? cost_of.split + 0.02 * s * B : 0.0), slots,
              false};
-    const int clusters = split_clusters(fn, threads, smem, s, device);
+    const int clusters = clusters_of(cluster_slots, s);
     if (clusters > 0) {
       const int cslots = clusters * s;
       const double cost = ((items + cslots - 1) / cslots) * (item + 0.5) + cost_of.cluster_split + 0.02 * s * B;
@@ -1789,7 +1797,7 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
     const int smem_c = smem + rows_per_cta * B * 4;
     int per_sm_c = 0;
     if (occupancy(k.fn, kThreads, smem_c, device, &per_sm_c, &sms) == cudaSuccess && per_sm_c >= per_sm) {
-      const int clusters = split_clusters(k.fn, kThreads, smem_c, ksplit, device);
+      const int clusters = clusters_of(split_clusters(k.fn, kThreads, smem_c, device), ksplit);
       const int items = row_blocks * ksplit;
       // only where it keeps the rounds of items (clusters may leave SMs of a GPC idle)
       if (clusters > 0 && (items + clusters * ksplit - 1) / (clusters * ksplit) == (items + slots - 1) / slots) {
