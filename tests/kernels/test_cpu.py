@@ -302,21 +302,38 @@ def test_split_compilation_only_where_nvcc_offers_it(tmp_path):
             assert SPLIT_COMPILE in nvcc_options(_nvcc())
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
-def test_cuda_sources_compile(tmp_path):
-    """The torch-free .cu compiles for sm_90 (to PTX: the C++ and device-code checks without the
-    minute of ptxas)."""
+def _compile_ptx(tmp_path, *defines: str) -> str:
+    """The torch-free .cu compiled for sm_90 to PTX (the C++ and device-code checks without the minute
+    of ptxas), with extra ``-D`` defines; returns the PTX."""
     from glq.kernels._build import SPLIT_COMPILE, nvcc_options
 
     src = resources.files("glq.kernels") / "csrc" / "glq_kernels.cu"
     out = tmp_path / "glq_kernels.ptx"
     cmd = [_nvcc(), "-std=c++17", "-O3", "-arch=compute_90", "--ptx", str(src), "-o", str(out)]
+    cmd += [f"-D{d}" for d in defines]
     if SPLIT_COMPILE in nvcc_options(_nvcc()):  # as the extension build does (and faster here)
         cmd.append(f"{SPLIT_COMPILE}=0")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    ptx = out.read_text()
+    return out.read_text()
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_traced_build_stamps_only_the_small_batch_kernel(tmp_path):
+    """GLQ_KERNELS_TRACE=1 (scripts/trace_probe.py) compiles globaltimer stamps into every v4 instantiation
+    and nowhere else; the normal build (test_cuda_sources_compile) has none."""
+    ptx = _compile_ptx(tmp_path, "GLQ_TRACE")
+    entries = [e.split("(")[0] for e in ptx.split(".entry ")[1:] if "%globaltimer" in e.split("\n}\n")[0]]
+    assert len(entries) == 22, len(entries)  # 11 v4 instantiations x 2 dtypes (see test_cuda_sources_compile)
+    assert all("glq_gemv_kernelI" in e for e in entries), entries
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_sources_compile(tmp_path):
+    """The torch-free .cu compiles for sm_90 (to PTX)."""
+    ptx = _compile_ptx(tmp_path)
     assert "mma.sync.aligned.m16n8k16" in ptx
+    assert "%globaltimer" not in ptx  # trace stamps exist only in GLQ_KERNELS_TRACE builds
     for rate in range(2, 9):  # the small-batch kernel (v4) at every rate: <T, N16, HAS8, RL2, MINB, NB>
         n16, has8 = rate // 2, rate % 2
         rl2, nb = (3, 4) if n16 == 1 else (2, 2)

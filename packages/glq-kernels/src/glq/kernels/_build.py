@@ -28,6 +28,9 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 NO_BUILD_ENV = "GLQ_KERNELS_NO_BUILD"
+# Developer builds with per-CTA timelines of the small-batch kernel (scripts/trace_probe.py); the flag
+# is part of the build's hash, so a traced build never replaces the normal one.
+TRACE_ENV = "GLQ_KERNELS_TRACE"
 
 
 def _sources() -> list[str]:
@@ -92,6 +95,10 @@ def _load() -> tuple[bool, str]:
     arch = f"{major}{minor}"
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     flags = cuda_flags(arch, split_compile=SPLIT_COMPILE in nvcc_options(nvcc))
+    cflags = ["-O3"]
+    if os.environ.get(TRACE_ENV, "") not in ("", "0"):  # developer build: v4 timelines
+        flags.append("-DGLQ_TRACE")
+        cflags.append("-DGLQ_TRACE")
     srcs = _sources()
     h = hashlib.sha256()
     for path in [*srcs, os.path.join(os.path.dirname(srcs[0]), "glq_kernels.h")]:
@@ -106,7 +113,7 @@ def _load() -> tuple[bool, str]:
         cpp_extension.load(
             name=name,
             sources=srcs,
-            extra_cflags=["-O3"],
+            extra_cflags=cflags,
             extra_cuda_cflags=flags,
             extra_include_paths=[os.path.dirname(srcs[0])],
             is_python_module=False,

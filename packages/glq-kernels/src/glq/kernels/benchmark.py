@@ -161,7 +161,8 @@ def prefill_rows(smoke: bool) -> list[str]:
 
 def split_rows(variant: int, shapes, rates, splits, replays: int = 20, batch: int = 1) -> list[str]:
     """Markdown rows: time (fp16, `batch` rows) of matmul kernel ``variant`` (1 MMA, 2 v4, 3 batched, 4
-    row-tile) at each forced K split (0: its planner's choice), with the split and grid it planned."""
+    row-tile) at each forced K split (0: its planner's choice), with the split and grid it planned (and
+    whether the splits add up through a thread-block cluster)."""
     rows = [f"| out x in | rate | variant {variant}, batch {batch}: ksplit asked -> planned (grid) | us |",
             "|---|---|---|---|"]
     print("\n".join(rows), flush=True)
@@ -183,8 +184,8 @@ def split_rows(variant: int, shapes, rates, splits, replays: int = 20, batch: in
                 except RuntimeError as e:
                     rows.append(f"| {out_f}x{in_f} | {rate} | {ks} | failed: {e} |")
                 else:
-                    rows.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({plan[3]}) "
-                                f"| {t * 1e6:.1f} |")
+                    how = f"{plan[3]}, cluster" if plan[7] else f"{plan[3]}"
+                    rows.append(f"| {out_f}x{in_f} | {rate} | {ks or 'auto'} -> {plan[2]} ({how}) | {t * 1e6:.1f} |")
                 print(rows[-1], flush=True)
             layers = None  # free the weight copies before the next shape
     return rows

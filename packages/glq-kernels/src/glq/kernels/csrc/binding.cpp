@@ -206,6 +206,16 @@ at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::
   return out;
 }
 
+#ifdef GLQ_TRACE
+// Developer build only (GLQ_KERNELS_TRACE=1, scripts/trace_probe.py): buf (int64, CUDA) receives
+// the v4 CTAs' timelines from now on, `slots` of them; slots = 0 stops recording.
+void trace_set(const at::Tensor& buf, int64_t slots) {
+  TORCH_CHECK(buf.is_cuda() && buf.scalar_type() == at::kLong && buf.is_contiguous(),
+              "glq_cuda.trace_set: expected a contiguous int64 CUDA buffer");
+  check_cuda(glq::trace_set(slots > 0 ? buf.data_ptr() : nullptr, static_cast<int>(slots)), "trace_set");
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(glq_cuda, m) {
@@ -219,6 +229,9 @@ TORCH_LIBRARY(glq_cuda, m) {
         &matmul_plan_info);
   // dense W (out, in) in dtype: the float32 reference decode rounded once (large-batch path)
   m.def("dequantize(Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, ScalarType dtype) -> Tensor");
+#ifdef GLQ_TRACE
+  m.def("trace_set(Tensor buf, int slots) -> ()", &trace_set);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(glq_cuda, CUDA, m) {

@@ -134,6 +134,45 @@ __device__ __forceinline__ float load_cluster(const float* local, int rank) {
   return v;
 }
 
+#ifdef GLQ_TRACE
+// Per-CTA timeline of the small-batch kernel (v4), built only with GLQ_KERNELS_TRACE=1 (developer
+// tool: scripts/trace_probe.py). CTA slot words: 0 smid | block << 32, 1 grid | items << 32, then
+// (globaltimer ns, clock64) pairs of the points below, then each warp's first-item loop end (clock64).
+enum TracePoint : int {
+  kTrEntry, kTrFilled, kTrWaited, kTrItem0Done, kTrItem0End, kTrItem1Done, kTrItem1End, kTrPoints
+};
+constexpr int kTraceWarpBase = 2 + 2 * kTrPoints;
+constexpr int kTraceWords = kTraceWarpBase + 16;
+__device__ unsigned long long* g_trace = nullptr;
+__device__ unsigned int g_trace_slots = 0;
+__device__ unsigned int g_trace_next = 0;
+
+__device__ __forceinline__ unsigned long long trace_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// thread 0 takes the CTA's slot (nullptr once the buffer is full)
+__device__ __forceinline__ unsigned long long* trace_open() {
+  if (g_trace == nullptr) return nullptr;
+  const unsigned int s = atomicAdd(&g_trace_next, 1u);
+  if (s >= g_trace_slots) return nullptr;
+  unsigned long long* w = g_trace + static_cast<unsigned long long>(s) * kTraceWords;
+  unsigned int smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  w[0] = smid | (static_cast<unsigned long long>(blockIdx.x) << 32);
+  return w;
+}
+
+__device__ __forceinline__ void trace_point(unsigned long long* w, int k) {
+  if (w != nullptr) {
+    w[2 + 2 * k] = trace_ns();
+    w[3 + 2 * k] = clock64();
+  }
+}
+#endif
+
 // Codes are read exactly once: keep them out of L1 so the x fragments stay there.
 __device__ __forceinline__ uint4 load_stream16(const void* p) {
   uint4 v;
@@ -818,9 +857,9 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
 
 // Prologue of the slice kernels (v4, its row-tile variant, v5) under programmatic launch: let the next
 // kernel start, copy the tables (weights only), then wait for the previous kernel before anything
-// touches x, y or the workspace.
-template <int N16, bool HAS8, int NTHREADS, int RL2, int WIDE = 0>
-__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p) {
+// touches x, y or the workspace. filled() runs between the two (trace builds time the fill there).
+template <int N16, bool HAS8, int NTHREADS, int RL2, int WIDE, typename Filled>
+__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p, Filled filled) {
   pdl_launch_next();
   if constexpr (WIDE == 0) {
     fill_tables<N16, HAS8, NTHREADS>(smem, static_cast<const uint4*>(p.tables), RL2);
@@ -832,8 +871,14 @@ __device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulP
       return make_int2(L::offset(s) / 16 + ((e - 512 * s) << r), r);
     });
   }
+  filled();
   pdl_wait();
   __syncthreads();
+}
+
+template <int N16, bool HAS8, int NTHREADS, int RL2, int WIDE = 0>
+__device__ __forceinline__ void slice_kernel_prologue(uint4* smem, const MatmulParams& p) {
+  slice_kernel_prologue<N16, HAS8, NTHREADS, RL2, WIDE>(smem, p, [] {});
 }
 
 // Work item `item` of a slice kernel: row block rb (rows row_base.., `rows` per block) and K split ks
@@ -887,8 +932,22 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
-
+#ifdef GLQ_TRACE
+  __shared__ unsigned long long* s_trace;
+  if (threadIdx.x == 0) {
+    s_trace = trace_open();
+    trace_point(s_trace, kTrEntry);
+    if (s_trace != nullptr) s_trace[1] = gridDim.x | (static_cast<unsigned long long>(n_items) << 32);
+  }
+  slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p, [&] {
+    __syncthreads();
+    if (threadIdx.x == 0) trace_point(s_trace, kTrFilled);
+  });
+  if (threadIdx.x == 0) trace_point(s_trace, kTrWaited);
+  int trace_k = 0;
+#else
   slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p);
+#endif
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
@@ -950,7 +1009,16 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         const int b = 2 * t + (q & 1);
         if (b < B) red[(warp * kGemvRows + rl) * B + b] = acc[rt][q];
       }
+#ifdef GLQ_TRACE
+    if (trace_k == 0 && lane == 0 && s_trace != nullptr) s_trace[kTraceWarpBase + warp] = clock64();
+    __syncthreads();
+    if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0Done + 2 * trace_k);
+#endif
     store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, cluster, s_last);
+#ifdef GLQ_TRACE
+    if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0End + 2 * trace_k);
+    ++trace_k;
+#endif
   }
 }
 
@@ -1615,15 +1683,16 @@ struct SplitCost {
   double sm_load;
   double split;  // the workspace pass of a split item, in steps
   double cluster_split;  // the same through a thread-block cluster (split_clusters), in steps
+  double round = 0.5;  // what each round of items costs beyond its steps (reduction, pipeline start)
 };
 
 // Shared planner of the small-batch and batched kernels: work items are row blocks of `rows` rows x
 // K splits, `parts` warps of a CTA split an item's slices. The cost in warp steps is rounds of items x
-// the item's steps (its busiest warp's slices, or the SM's throughput), plus the per-item cross-warp
-// reduction (~half a step) and, with splits, the split pass: through a cluster where clusters of s CTAs
-// fit (split_clusters; fewer CTAs may then be resident, e.g. 120 of 132 on an H100 in clusters of 4),
-// else through the workspace, whichever costs less. In auto mode (ksplit <= 0) the smallest split
-// reaching the best cost wins.
+// the item's steps (its busiest warp's slices, or the SM's throughput) plus a fixed cost per round
+// (SplitCost::round: the cross-warp reduction, the pipeline's start) and, with splits, the split pass:
+// through a cluster where clusters of s CTAs fit (split_clusters; fewer CTAs may then be resident, e.g.
+// 120 of 132 on an H100 in clusters of 4), else through the workspace, whichever costs less. In auto
+// mode (ksplit <= 0) the smallest split reaching the best cost wins.
 int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int rep, int kernel, int B, int M,
                 int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3, 0.3}) {
   int per_sm = 0, sms = 0;
@@ -1645,12 +1714,15 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
     const int steps = (sps + parts - 1) / parts;
     const double item = std::max(static_cast<double>(steps), cost_of.sm_load * sps / parts);
     const int slots = per_sm * sms;
-    Choice c{((items + slots - 1) / slots) * (item + 0.5) + (s > 1 ? cost_of.split + 0.02 * s * B : 0.0), slots,
+    const double finish = s > 1 ? 0.02 * s * B : 0.0;  // the split pass's per-output work
+    // Both costs are summed in one order, so equal terms compare equal and the cluster wins a tie (with
+    // the terms grouped differently, rounding had sent some ties to the workspace).
+    Choice c{((items + slots - 1) / slots) * (item + cost_of.round) + (s > 1 ? cost_of.split : 0.0) + finish, slots,
              false};
     const int clusters = clusters_of(cluster_slots, s);
     if (clusters > 0) {
       const int cslots = clusters * s;
-      const double cost = ((items + cslots - 1) / cslots) * (item + 0.5) + cost_of.cluster_split + 0.02 * s * B;
+      const double cost = ((items + cslots - 1) / cslots) * (item + cost_of.round) + cost_of.cluster_split + finish;
       if (cost <= c.cost) c = {cost, cslots, true};
     }
     return c;
@@ -1698,14 +1770,15 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
   const GemvInfo k = pick_gemv(rate, dtype, rep);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   const int smem = k.table_bytes + red_bytes;
-  // Fitted to v4's times for every forced split on eight layer shapes at 2-4 bpw (H100, batch 1,
-  // scripts/route_probe.py; notes/kernels.md): 16 warps with one slice each take longer than 8 (so
-  // 1024x4096 wants 4 splits, not 2), and a split's workspace pass costs about 1.8 steps of rate 2,
-  // less in steps of the slower higher rates (so 4096x4096 wants 1 split at 2 bpw and 2 at 4 bpw).
-  // Through a cluster the pass is 0.3-0.9 us cheaper (stop 19), but costing it at half made the row-tile
-  // variant split 576x576 and 2560x960 at 2 bpw, 0.5-0.6 us slower than unsplit: the split choice stays
-  // the workspace's, and a cluster carries it out wherever it keeps the resident CTAs.
-  const SplitCost cost_of{1.5, 1.8 * 2.0 / rate, 1.8 * 2.0 / rate};
+  // Fitted (stop 20; notes/kernels.md) to v4's forced splits, 1-4 on seven shapes at 2-8 bpw and batches 1
+  // and 4, plus 23 held-out cases of a first fit (H200), minimising the summed relative loss against the
+  // fastest split. An SM's slices weigh 2 steps per 16 (2048x2048 at 4 bpw: 5.9 us in 4 splits, 8.0
+  // unsplit); a split's workspace pass costs ~1.8 steps of rate 2 and the pass through a cluster ~0.8 of
+  // that (4096x4096 at 2 bpw: 6.6 us in 2 clustered splits, 7.3 unsplit); each round of items costs a fixed
+  // time beyond its slices, ~2 steps of rate 2 (the first code loads of an item wait a DRAM round trip; the
+  // epilogue), so fewer steps of the slower rates (28672x8192 at 3 bpw: 76.4 us unsplit in 4 rounds, 83.4
+  // in 2 splits and 7 rounds).
+  const SplitCost cost_of{2.0, 1.8 * 2.0 / rate, 1.5 * 2.0 / rate, 0.5 + 4.0 / rate};
   return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, k.copies, kKernelGemv, B, M, K, ksplit,
                      device, plan, cost_of);
 }
@@ -1833,6 +1906,16 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
   if (variant != kKernelAuto && variant != kKernelMma) return cudaErrorInvalidValue;
   return mma_plan(B, M, K, rate, dtype, rep, ksplit, device, plan);
 }
+
+#ifdef GLQ_TRACE
+int trace_set(void* buf, int slots) {
+  const unsigned int zero = 0, n = static_cast<unsigned int>(slots);
+  cudaError_t err = cudaMemcpyToSymbol(g_trace, &buf, sizeof(buf));
+  if (err == cudaSuccess) err = cudaMemcpyToSymbol(g_trace_slots, &n, sizeof(n));
+  if (err == cudaSuccess) err = cudaMemcpyToSymbol(g_trace_next, &zero, sizeof(zero));
+  return err;
+}
+#endif
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
   if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvRt) {

@@ -89,5 +89,10 @@ int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, i
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream);
 int hadamard_run(const HadamardParams& p, cudaStream_t stream);
 int dequantize_run(const DequantParams& p, int device, cudaStream_t stream);
+#ifdef GLQ_TRACE
+// Developer build only (GLQ_KERNELS_TRACE=1): v4 CTAs record their timeline into buf (slots x
+// kTraceWords uint64; see glq_kernels.cu); buf = nullptr stops it.
+int trace_set(void* buf, int slots);
+#endif
 
 }  // namespace glq
