@@ -14,9 +14,11 @@ import statistics
 
 import torch
 
-WORDS = 32  # kTraceWords in glq_kernels.cu
+# A CTA's slot, laid out as glq_kernels.cu's TracePoint / kTraceWarpBase / kTraceWords: two id words, a
+# (globaltimer, clock64) pair per point, then the 16 warps' loop ends.
 POINTS = ("entry", "filled", "waited", "done0", "end0", "done1", "end1")
 WARP_BASE = 2 + 2 * len(POINTS)
+WORDS = WARP_BASE + 16
 
 
 def ns_of(rows, point: str):
