@@ -114,12 +114,27 @@ __device__ __forceinline__ void pdl_launch_next() {
 // of one row block form a cluster (rank = split) and add their partial sums through distributed shared
 // memory instead of a global workspace and an arrival counter. cluster_sync() is a full barrier of the
 // cluster's threads with release/acquire order on shared memory.
-__device__ __forceinline__ void cluster_sync() {
+// The release half compiles to MEMBAR.ALL.GPU, which waits for every memory operation of the thread still
+// in flight, global loads and stores included: callers arrive with none outstanding (finish_split_cluster).
+__device__ __forceinline__ void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 #else
   __trap();  // never planned below compute capability 9
 #endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
 }
 
 // The float at `local` (this CTA's shared memory) in the shared memory of cluster rank `rank`.
@@ -428,28 +443,30 @@ __device__ __forceinline__ void finish_split_k(const MatmulParams& p, T* __restr
 // give bit-identical y. Costs two cluster barriers and one distributed shared-memory round trip per strip
 // instead of a workspace store, a fence, an atomic and a workspace load through L2: 0.3-0.9 us less per
 // launch on an H100 (notes/kernels.md, stop 19).
-template <typename T, int NTHREADS, int U>
+// Both barriers are arrived at with no global access in flight (the release fence would wait for it: ncu
+// put ~10% of v4's stall samples on the two fences and waits at 4096x14336, 2 bpw): the row scales load
+// after the first (overlapping the partials' reads), and the second is arrived at once the last strip's
+// sums are scaled, before its y stores.
+// DEFER: the second barrier's wait is left to the caller (cluster_wait before this CTA next writes `part`
+// or exits), so no CTA idles there; else it waits here.
+template <typename T, int NTHREADS, int U, bool DEFER = false>
 __device__ __forceinline__ void finish_split_cluster(const MatmulParams& p, T* __restrict__ y, const float* part,
                                                      int ld, int rbase, int rows, int ksplit, int rank) {
   const int n = rows * p.B;
-  int r[U], b[U];  // b = -1: no output
-  float scale[U];
-  auto index = [&](int base) {
+  const int stride = ksplit * NTHREADS * U;
+  cluster_sync();  // every split's partials are in place
+  if (rank * NTHREADS * U >= n) cluster_arrive();  // no strip here (the loop below is uniform per CTA)
+  for (int s0 = rank * NTHREADS * U; s0 < n; s0 += stride) {
+    int r[U], b[U];  // b = -1: no output
+    float scale[U], sum[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int idx = base + u * NTHREADS;
+      const int idx = s0 + static_cast<int>(threadIdx.x) + u * NTHREADS;
       r[u] = rbase + idx % rows;
       b[u] = idx < n && r[u] < p.M ? idx / rows : -1;
-      scale[u] = b[u] >= 0 ? p.row_scale[r[u]] : 0.f;  // in flight across the barrier below
+      scale[u] = b[u] >= 0 ? p.row_scale[r[u]] : 0.f;  // in flight with the partials' loads
+      sum[u] = 0.f;
     }
-  };
-  int base = rank * NTHREADS * U + static_cast<int>(threadIdx.x);
-  index(base);
-  cluster_sync();  // every split's partials are in place
-  for (; base < n;) {
-    float sum[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) sum[u] = 0.f;
 #pragma unroll 4
     for (int s = 0; s < ksplit; ++s) {  // fixed order per output
       float v[U];
@@ -459,12 +476,13 @@ __device__ __forceinline__ void finish_split_cluster(const MatmulParams& p, T* _
       for (int u = 0; u < U; ++u) sum[u] += v[u];
     }
 #pragma unroll
+    for (int u = 0; u < U; ++u) sum[u] = sum[u] * scale[u] * p.gain;  // as finish_split_k; consumes every load
+    if (s0 + stride >= n) cluster_arrive();  // last strip: every read of the other ranks' partials is done
+#pragma unroll
     for (int u = 0; u < U; ++u)
-      if (b[u] >= 0) y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u] * scale[u] * p.gain);
-    base += ksplit * NTHREADS * U;
-    if (base < n) index(base);
+      if (b[u] >= 0) y[b[u] * p.y_stride + r[u]] = TypeOps<T>::from_float(sum[u]);
   }
-  cluster_sync();  // no CTA reuses or leaves its partials while another one reads them
+  if constexpr (!DEFER) cluster_wait();  // no CTA reuses or leaves its partials while another one reads them
 }
 
 // The small-batch and batched kernels' item epilogue: red holds PARTS partial sums per (row, batch
@@ -473,7 +491,8 @@ __device__ __forceinline__ void finish_split_cluster(const MatmulParams& p, T* _
 // U > 1: U outputs per thread at once (their row_scale loads in flight together; see finish_split_k).
 // cluster: the split CTAs form a cluster (split_clusters); this CTA's sums then go to red's first part
 // (each thread overwrites only the outputs it alone has read), and finish_split_cluster adds them up.
-template <typename T, int ROWS, int PARTS, int NTHREADS, int U = 1>
+// DEFER: finish_split_cluster<DEFER>, so the caller must cluster_wait() before it next writes red or exits.
+template <typename T, int ROWS, int PARTS, int NTHREADS, int U = 1, bool DEFER = false>
 __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict__ y, float* red, int ld, int rb,
                                            int row_base, int ks, int ksplit, bool cluster, int& s_last) {
   __syncthreads();
@@ -525,7 +544,7 @@ __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict_
     }
   }
   if (ksplit > 1 && cluster)
-    finish_split_cluster<T, NTHREADS, U>(p, y, red, ld, row_base, ROWS, ksplit, ks);
+    finish_split_cluster<T, NTHREADS, U, DEFER>(p, y, red, ld, row_base, ROWS, ksplit, ks);
   else if (ksplit > 1)
     finish_split_k<T, NTHREADS, U>(p, y, rb, row_base, ROWS, ksplit, s_last);
   __syncthreads();  // red and s_last are reused by the next item
@@ -932,6 +951,33 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
+
+  // Steps: step q of this warp is (slice sl = s_first + warp + (q / kGemvT) * kGemvWarps,
+  // row tile q % kGemvT). Codes of step q live in ring slot q % NB; NB divides kGemvT, so the
+  // slot of (slice k, row tile rt) is rt % NB, a compile-time index in the unrolled rt loop (no
+  // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
+  SliceCodes<N16, HAS8> ring[NB];
+  auto load_step = [&](SliceCodes<N16, HAS8>& dst, int row_base, bool rows_ok, int sl_, int rt_) {
+    const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+    load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
+  };
+  auto load_first_steps = [&](const SliceItem& it) {  // steps 0 .. NB - 2 of an item
+    const bool rows_ok = it.row_base + kGemvRows <= p.M;
+    if (it.s_first + warp < it.s_stop) {
+#pragma unroll
+      for (int d = 0; d < NB - 1; ++d) load_step(ring[d], it.row_base, rows_ok, it.s_first + warp, d);
+    }
+  };
+  // kEarly: the first item's first steps load before the table fill and the programmatic-launch wait (codes
+  // are weights), so that DRAM round trip overlaps them instead of following them (ncu, H100, 4096x14336, 2
+  // bpw: a fifth of v4's stall samples sat on the first use of these codes, loaded after the wait). H100,
+  // 4096x4096 / 14336x4096: rates 3, 5, 6 9% / 9%, 5% / 2%, 5% / 3% faster, 7-8 up to 3%. Not at rates 2
+  // and 4, where the ring then lives across the prologue and ptxas compiled a slower hot loop (rate 2: 670 ->
+  // 724 SASS per slice, 13.9 -> 14.5 us at 4096x14336; rate 4: 1-4% slower on large layers; notes/kernels.md).
+  constexpr bool kEarly = HAS8 || N16 > 2;
+  if constexpr (kEarly) {
+    if (blockIdx.x < n_items) load_first_steps(slice_item(blockIdx.x, kGemvRows, slices_per_split, n_slices, ksplit));
+  }
 #ifdef GLQ_TRACE
   __shared__ unsigned long long* s_trace;
   if (threadIdx.x == 0) {
@@ -961,19 +1007,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
 
-    // Steps: step q of this warp is (slice sl = s_first + warp + (q / kGemvT) * kGemvWarps,
-    // row tile q % kGemvT). Codes of step q live in ring slot q % NB; NB divides kGemvT, so the
-    // slot of (slice k, row tile rt) is rt % NB, a compile-time index in the unrolled rt loop (no
-    // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
-    SliceCodes<N16, HAS8> ring[NB];
-    auto load_step = [&](SliceCodes<N16, HAS8>& dst, int sl_, int rt_) {
-      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
-      load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
-    };
-    if (s_first + warp < s_stop) {
-#pragma unroll
-      for (int d = 0; d < NB - 1; ++d) load_step(ring[d], s_first + warp, d);
-    }
+    if (!kEarly || item != blockIdx.x) load_first_steps(it);
     for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
       const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
       uint4 xf[4];
@@ -984,9 +1018,9 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
         // prefetch step + NB - 1: row tile rt + NB - 1 of this slice, or of the next slice
         constexpr int kAhead = NB - 1;
         if (rt + kAhead < kGemvT) {
-          load_step(ring[(rt + kAhead) % NB], sl, rt + kAhead);
+          load_step(ring[(rt + kAhead) % NB], row_base, rows_ok, sl, rt + kAhead);
         } else if (sl_next < s_stop) {
-          load_step(ring[(rt + kAhead) % NB], sl_next, rt + kAhead - kGemvT);
+          load_step(ring[(rt + kAhead) % NB], row_base, rows_ok, sl_next, rt + kAhead - kGemvT);
         }
         const SliceCodes<N16, HAS8>& cur = ring[rt % NB];
 #pragma unroll
@@ -1001,6 +1035,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 
     // Cross-warp reduction. acc[rt]: (row g, col 2t), (row g, col 2t+1), (row g+8, col 2t),
     // (row g+8, col 2t+1) of row tile rt; red[(warp * 64 + local row) * B + b].
+    if (ksplit > 1 && cluster && item != blockIdx.x) cluster_wait();  // the last item's (store_item<DEFER>)
 #pragma unroll
     for (int rt = 0; rt < kGemvT; ++rt)
 #pragma unroll
@@ -1014,12 +1049,14 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
     __syncthreads();
     if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0Done + 2 * trace_k);
 #endif
-    store_item<T, kGemvRows, kGemvWarps, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, cluster, s_last);
+    store_item<T, kGemvRows, kGemvWarps, kGemvThreads, 1, true>(p, y, red, B, rb, row_base, ks, ksplit, cluster,
+                                                              s_last);
 #ifdef GLQ_TRACE
     if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0End + 2 * trace_k);
     ++trace_k;
 #endif
   }
+  if (ksplit > 1 && cluster && blockIdx.x < n_items) cluster_wait();  // nobody reads red any more
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1105,14 +1142,17 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
 
     // red[(col * 64 + local row) * B + b]: each (col, row) written by exactly one warp, then summed
     // over the kRtStride columns in order by store_item.
+    if (ksplit > 1 && cluster && item != blockIdx.x) cluster_wait();  // the last item's (store_item<DEFER>)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int rl = 16 * rt + g + 8 * (q >> 1);
       const int b = 2 * t + (q & 1);
       if (b < B) red[(col * kGemvRows + rl) * B + b] = acc[q];
     }
-    store_item<T, kGemvRows, kRtStride, kGemvThreads>(p, y, red, B, rb, row_base, ks, ksplit, cluster, s_last);
+    store_item<T, kGemvRows, kRtStride, kGemvThreads, 1, true>(p, y, red, B, rb, row_base, ks, ksplit, cluster,
+                                                             s_last);
   }
+  if (ksplit > 1 && cluster && blockIdx.x < n_items) cluster_wait();  // nobody reads red any more
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""Routed GLQ matmul times for a before/after comparison: one line per (shape, batch) with the time of the
+public ``glq.kernels.matmul`` (the router's choice, bf16 x) at each rate, timed as the benchmark does (graph
+replays of back-to-back calls over weight sets rotated through more than L2). For an A/B, copy the previous
+tree's glq-kernels next to the working tree and run both in one call, alternating, each building its own
+extension (the source hash names the build):
+
+    mkdir -p exp/old && git archive HEAD packages/glq-kernels/src | tar -x -C exp/old
+    P0="$(ls -d $PWD/packages/*/src | paste -sd:)"
+    for round in 1 2; do
+      PYTHONPATH=$PWD/exp/old/packages/glq-kernels/src:$P0 python3 scripts/ab_probe.py old 4096x14336,4096x4096 2,3,4 1
+      PYTHONPATH=$P0 python3 scripts/ab_probe.py new 4096x14336,4096x4096 2,3,4 1
+    done
+
+Arguments: a tag printed first on every line, OUTxIN shapes, rates and batches (comma-separated)."""
+
+import argparse
+
+import torch
+
+from glq.kernels import matmul
+from glq.kernels._build import load_extension
+from glq.kernels.benchmark import make_sets, time_graph
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tag")
+    ap.add_argument("shapes", help="OUTxIN,OUTxIN,...")
+    ap.add_argument("rates", help="2,3,4,...")
+    ap.add_argument("batches", help="1,8,...")
+    ap.add_argument("--replays", type=int, default=20)
+    args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rates = [int(r) for r in args.rates.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    ok, why = load_extension()
+    if not ok:
+        raise SystemExit(f"CUDA C backend unavailable: {why}")
+    for out_f, in_f in shapes:
+        for batch in batches:
+            cells = []
+            for rate in rates:
+                n, layers, tables = make_sets(rate, out_f, in_f, batch)
+                x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
+                t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=args.replays)  # noqa: B023
+                cells.append(f"r{rate}={t * 1e6:.1f}")
+            print(f"{args.tag} {out_f}x{in_f} b{batch} " + " ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
