@@ -3,9 +3,9 @@ samples in an Nsight Compute source-page export, with each line's main stall rea
 all samples per reason. Usage on a GPU machine (one v4 launch at 4096x14336, 2 bpw, after one warm-up):
 
     scripts/gpu_run.sh ncu --section SourceCounters --section WarpStateStats --warp-sampling-interval 0 \\
-        --import-source no -k regex:glq_gemv_kernel --launch-skip 1 --launch-count 1 -f -o /tmp/r2 \\
+        --import-source no -k regex:glq_gemv_kernel --launch-skip 1 --launch-count 1 -f -o r2 \\
         python3 scripts/ncu_matmul.py --rates 2 --calls 2 --variant 2
-    ncu -i /tmp/r2.ncu-rep --page source --csv --print-source sass > r2.csv
+    ncu -i r2.ncu-rep --page source --csv --print-source sass > r2.csv
     python3 scripts/ncu_hotspots.py r2.csv [--top 20]
 
 (the report itself is ~25 MB; the CSV ~1 MB travels back and is read anywhere, no ncu needed.)"""
