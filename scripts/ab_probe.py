@@ -1,8 +1,7 @@
 """Routed GLQ matmul times for a before/after comparison: one line per (shape, batch) with the time of the
 public ``glq.kernels.matmul`` (the router's choice, bf16 x) at each rate, timed as the benchmark does (graph
-replays of back-to-back calls over weight sets rotated through more than L2). For an A/B, copy the previous
-tree's glq-kernels next to the working tree and run both in one call, alternating, each building its own
-extension (the source hash names the build):
+replays of back-to-back calls over weight sets rotated through more than L2). `scripts/ab_trees.py` runs
+it for several source trees in one call, alternating, and tables the result; by hand:
 
     mkdir -p exp/old && git archive HEAD packages/glq-kernels/src | tar -x -C exp/old
     P0="$(ls -d $PWD/packages/*/src | paste -sd:)"
