@@ -956,28 +956,24 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   // row tile q % kGemvT). Codes of step q live in ring slot q % NB; NB divides kGemvT, so the
   // slot of (slice k, row tile rt) is rt % NB, a compile-time index in the unrolled rt loop (no
   // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
-  SliceCodes<N16, HAS8> ring[NB];
+  using Ring = SliceCodes<N16, HAS8>[NB];
   auto load_step = [&](SliceCodes<N16, HAS8>& dst, int row_base, bool rows_ok, int sl_, int rt_) {
     const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
     load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
   };
-  auto load_first_steps = [&](const SliceItem& it) {  // steps 0 .. NB - 2 of an item
+  auto load_first_steps = [&](Ring& ring, int item) {  // steps 0 .. NB - 2 of an item
+    const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
     const bool rows_ok = it.row_base + kGemvRows <= p.M;
     if (it.s_first + warp < it.s_stop) {
 #pragma unroll
       for (int d = 0; d < NB - 1; ++d) load_step(ring[d], it.row_base, rows_ok, it.s_first + warp, d);
     }
   };
-  // kEarly: the first item's first steps load before the table fill and the programmatic-launch wait (codes
-  // are weights), so that DRAM round trip overlaps them instead of following them (ncu, H100, 4096x14336, 2
-  // bpw: a fifth of v4's stall samples sat on the first use of these codes, loaded after the wait). H100,
-  // 4096x4096 / 14336x4096: rates 3, 5, 6 9% / 9%, 5% / 2%, 5% / 3% faster, 7-8 up to 3%. Not at rates 2
-  // and 4, where the ring then lives across the prologue and ptxas compiled a slower hot loop (rate 2: 670 ->
-  // 724 SASS per slice, 13.9 -> 14.5 us at 4096x14336; rate 4: 1-4% slower on large layers; notes/kernels.md).
-  constexpr bool kEarly = HAS8 || N16 > 2;
-  if constexpr (kEarly) {
-    if (blockIdx.x < n_items) load_first_steps(slice_item(blockIdx.x, kGemvRows, slices_per_split, n_slices, ksplit));
-  }
+  // The first item's first steps load before the table fill and the programmatic-launch wait (codes are
+  // weights), so that DRAM round trip overlaps them. The first item is peeled off the item loop, so its
+  // ring is dead once the item's loop has used it, and every later item has a ring of its own.
+  Ring ring0;
+  if (blockIdx.x < n_items) load_first_steps(ring0, blockIdx.x);
 #ifdef GLQ_TRACE
   __shared__ unsigned long long* s_trace;
   if (threadIdx.x == 0) {
@@ -995,7 +991,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p);
 #endif
 
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+  auto run_item = [&](const int item, Ring& ring) {
     const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
     const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     // rows of (rt, h = 0) for this lane are row_base + 16 rt + g; the whole item is inside M?
@@ -1007,7 +1003,6 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
 
-    if (!kEarly || item != blockIdx.x) load_first_steps(it);
     for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
       const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
       uint4 xf[4];
@@ -1055,6 +1050,12 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
     if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0End + 2 * trace_k);
     ++trace_k;
 #endif
+  };
+  if (blockIdx.x < n_items) run_item(blockIdx.x, ring0);
+  for (int item = blockIdx.x + gridDim.x; item < n_items; item += gridDim.x) {
+    Ring ring;
+    load_first_steps(ring, item);
+    run_item(item, ring);
   }
   if (ksplit > 1 && cluster && blockIdx.x < n_items) cluster_wait();  // nobody reads red any more
 }
@@ -1098,34 +1099,43 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   const T* xrow = x + static_cast<long long>(min(g, B - 1)) * p.x_stride;  // batch column n = g
   const int n_items = row_blocks * ksplit;
 
+  // Step k of this warp is slice sl0 + k * kRtStride, its codes in ring slot k % NB: the step
+  // loop is unrolled by NB so the slots are compile-time names; step k + NB - 1 is loaded while
+  // step k is decoded.
+  using Ring = SliceCodes<N16, HAS8>[NB];
+  auto load_step = [&](SliceCodes<N16, HAS8>& dst, int row0, bool rows_ok, int sl_) {
+    const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+    load_slice(dst, p, row0, sl_ * kSliceGroups + 4 * t, G, fast);
+  };
+  auto load_first_steps = [&](Ring& ring, int item) {  // steps 0 .. NB - 2 of an item
+    const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
+    const bool rows_ok = it.row_base + kGemvRows <= p.M;
+    const int sl0 = it.s_first + col;
+#pragma unroll
+    for (int d = 0; d < NB - 1; ++d)
+      if (sl0 + d * kRtStride < it.s_stop) load_step(ring[d], it.row_base + 16 * rt + g, rows_ok, sl0 + d * kRtStride);
+  };
+  // The first item's first steps load before the table fill and the launch wait, its item peeled off the
+  // loop (as in v4).
+  Ring ring0;
+  if (blockIdx.x < n_items) load_first_steps(ring0, blockIdx.x);
+
   slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2>(smem, p);
 
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+  auto run_item = [&](const int item, Ring& ring) {
     const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
     const int rb = it.rb, ks = it.ks, row_base = it.row_base, s_first = it.s_first, s_stop = it.s_stop;
     const bool rows_ok = row_base + kGemvRows <= p.M;
     const int row0 = row_base + 16 * rt + g;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-
-    // Step k of this warp is slice sl0 + k * kRtStride, its codes in ring slot k % NB: the step
-    // loop is unrolled by NB so the slots are compile-time names; step k + NB - 1 is loaded while
-    // step k is decoded.
-    SliceCodes<N16, HAS8> ring[NB];
-    auto load_step = [&](SliceCodes<N16, HAS8>& dst, int sl_) {
-      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
-      load_slice(dst, p, row0, sl_ * kSliceGroups + 4 * t, G, fast);
-    };
     const int sl0 = s_first + col;
-#pragma unroll
-    for (int d = 0; d < NB - 1; ++d)
-      if (sl0 + d * kRtStride < s_stop) load_step(ring[d], sl0 + d * kRtStride);
     for (int base = sl0; base < s_stop; base += NB * kRtStride) {
 #pragma unroll
       for (int u = 0; u < NB; ++u) {
         const int sl = base + u * kRtStride;
         if (sl < s_stop) {
           const int ahead = sl + (NB - 1) * kRtStride;
-          if (ahead < s_stop) load_step(ring[(u + NB - 1) % NB], ahead);
+          if (ahead < s_stop) load_step(ring[(u + NB - 1) % NB], row0, rows_ok, ahead);
           const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
           uint4 xf[4];
           load_x_fragments(xf, xrow, j0, G, vec && sl * kSliceGroups + kSliceGroups <= G);
@@ -1151,6 +1161,12 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
     }
     store_item<T, kGemvRows, kRtStride, kGemvThreads, 1, true>(p, y, red, B, rb, row_base, ks, ksplit, cluster,
                                                              s_last);
+  };
+  if (blockIdx.x < n_items) run_item(blockIdx.x, ring0);
+  for (int item = blockIdx.x + gridDim.x; item < n_items; item += gridDim.x) {
+    Ring ring;
+    load_first_steps(ring, item);
+    run_item(item, ring);
   }
   if (ksplit > 1 && cluster && blockIdx.x < n_items) cluster_wait();  // nobody reads red any more
 }
