@@ -348,8 +348,9 @@ def test_cuda_sources_compile(tmp_path):
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
     # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 8 (8 copies at rates 4-7), row-tile 6, batched 18
-    # + 6 (8 copies at rate 4), FWHT 3 x 3 and 3 x 2
-    assert len(pdl) == 42 + 22 + 6 + 24 + 9 + 6, len(pdl)
+    # + 6 (8 copies at rate 4), FWHT 3 x 3 (fwht_kernel) and 3 x 4 (fwht_fast_kernel
+    # per largest top level count)
+    assert len(pdl) == 42 + 22 + 6 + 24 + 9 + 12, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
@@ -689,32 +690,58 @@ def test_glq_linear_rotated_is_glq_linear_after_the_input_transform():
                                   check=False), half)
 
 
-def _fwht_levels(v: np.ndarray, lg: int) -> np.ndarray:
-    """fwht_kernel's arithmetic on one block in numpy float32: butterflies level by level in ascending
-    order, then times the float32 scale (the kernel's rsqrtf(n), modelled as float32(1/sqrt(n)))."""
+def _fwht_top(lg: int, cta_log2: int) -> int:
+    """hadamard_run's split of a 2^lg-point block: its top levels (2^top chunks, a CTA each in
+    fwht_fast_kernel), at most kMaxTopLevels = 3."""
+    return min(3, max(0, lg - cta_log2))
+
+
+def _butterfly(x: np.ndarray, h: int) -> None:
+    """One level in place on float32 rows: pairs (i, i + h) inside blocks of 2h -> (a + b, a - b)."""
+    y = x.reshape(x.shape[0], -1, 2, h)
+    a, b = y[:, :, 0].copy(), y[:, :, 1].copy()
+    y[:, :, 0], y[:, :, 1] = a + b, a - b
+
+
+def _fwht_levels(v: np.ndarray, lg: int, top: int = 0) -> np.ndarray:
+    """fwht_kernel's arithmetic on one block in numpy float32: the top `top` levels first, then the
+    rest, each group ascending, level by level; then times the float32 scale (the kernel's rsqrtf(n),
+    modelled as float32(1/sqrt(n)))."""
     w = v.astype(np.float32).copy()
-    n, h = 1 << lg, 1
-    while h < n:
-        x = w.reshape(-1, n // (2 * h), 2, h)
-        a, b = x[:, :, 0].copy(), x[:, :, 1].copy()
-        x[:, :, 0], x[:, :, 1] = a + b, a - b
-        h *= 2
+    n = 1 << lg
+    for level in [*range(lg - top, lg), *range(lg - top)]:
+        _butterfly(w, 1 << level)
     return w * np.float32(1 / math.sqrt(n))
 
 
-def _fwht_fast_model(v: np.ndarray, lg: int, pts: int) -> np.ndarray:
-    """csrc fwht_fast_kernel<T, pts> replayed in numpy float32 on one block: threads of pts registers,
-    phase A (registers, then lane levels as the shuffle computes them: lower lane own + partner,
-    upper lane partner - own), phase B and C through the same index maps as the kernel; every point
-    is read and written exactly once per phase."""
+def _fwht_fast_model(v: np.ndarray, lg: int, top: int = 0) -> np.ndarray:
+    """csrc fwht_fast_kernel replayed in numpy float32 on one block of 2^lg points split into 2^top
+    chunks, a CTA each: CTA c forms its chunk's input from every input chunk along c's path through
+    the top levels (top_levels: lower + upper where c's bit is 0, lower - upper where it is 1), then
+    threads of 8 registers (phase A: registers, then lane levels as the shuffle computes them: lower
+    lane own + partner, upper lane partner - own), phase B and C through the kernel's index maps;
+    every point is read and written exactly once per phase."""
+    pts, lb, lc = 8, 8, 11
+    lgl = lg - top
+    n = 1 << lgl
+    chunks = v.astype(np.float32).reshape(1 << top, n)
+    out = np.full(1 << lg, np.nan, dtype=np.float32)
+    scale = np.float32(1 / math.sqrt(1 << lg))
+    for c in range(1 << top):
+        w = list(chunks)
+        for k in range(top):
+            w = [w[m] - w[m + 1] if c >> k & 1 else w[m] + w[m + 1] for m in range(0, len(w), 2)]
+        out[c * n:(c + 1) * n] = _fwht_chunk_model(w[0], lgl, pts, lb, lc) * scale
+    return out
+
+
+def _fwht_chunk_model(u: np.ndarray, lg: int, pts: int, lb: int, lc: int) -> np.ndarray:
+    """fwht_fast_kernel's low levels on one chunk of 2^lg points (unscaled)."""
     n = 1 << lg
-    lp = pts.bit_length() - 1
-    lb, lc = lp + 5, 2 * lp + 5
-    tpts = max(1, n // pts)
-    ppt = min(n, pts)
+    tpts = n // pts
     nthreads = max(32, tpts)
     regs = np.zeros((nthreads, pts), dtype=np.float32)
-    regs[:tpts, :ppt] = v.reshape(tpts, ppt)
+    regs[:tpts] = u.reshape(tpts, pts)
 
     def levels(r, m):
         h = 1
@@ -725,29 +752,28 @@ def _fwht_fast_model(v: np.ndarray, lg: int, pts: int) -> np.ndarray:
                     r[:, e], r[:, e + h] = a + b, a - b
             h *= 2
 
-    levels(regs, min(lg, lp))
+    levels(regs, 3)
     lane = np.arange(nthreads) % 32
     k = 1
     while k < 32 and k < tpts:
         other = regs[np.arange(nthreads) ^ k]
         regs = np.where((lane & k != 0)[:, None], other - regs, regs + other).astype(np.float32)
         k *= 2
-    scale = np.float32(1 / math.sqrt(n))
     out = np.full(n, np.nan, dtype=np.float32)
     if lg <= lb:
-        out[:] = regs[:tpts, :ppt].reshape(-1) * scale
+        out[:] = regs[:tpts].reshape(-1)
         return out
     buf = regs[:tpts].reshape(-1).copy()
     t = np.arange(tpts)[:, None]
     e = np.arange(pts)[None, :]
-    gb = 1 << min(lg - lb, lp)
+    gb = 1 << min(lg - lb, 3)
     grp = (e // gb) * tpts + t
     idx = (grp & ((1 << lb) - 1)) + (1 << lb) * ((e % gb) + gb * (grp >> lb))
     assert sorted(idx.reshape(-1)) == list(range(n)), "phase B reads every point once"
     r = buf[idx]
-    levels(r, min(lg - lb, lp))
+    levels(r, min(lg - lb, 3))
     if lg <= lc:
-        out[idx] = r * scale
+        out[idx] = r
         return out
     buf[idx] = r
     gc = 1 << (lg - lc)
@@ -755,17 +781,32 @@ def _fwht_fast_model(v: np.ndarray, lg: int, pts: int) -> np.ndarray:
     assert sorted(idx.reshape(-1)) == list(range(n)), "phase C reads every point once"
     r = buf[idx]
     levels(r, lg - lc)
-    out[idx] = r * scale
+    out[idx] = r
     return out
 
 
-@pytest.mark.parametrize("lg,pts", [(lg, 8) for lg in range(3, 14)] + [(lg, 16) for lg in (3, 4, 9, 11, 13, 14)])
-def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg, pts):
-    """fwht_fast_kernel's layout (registers, lane shuffles, two exchanges through shared memory) gives
-    fwht_kernel's level-by-level float32 values bit for bit, at every block size it takes, with 8
-    points per thread (blocks up to 8192) and 16 (launches whose largest block is 16384)."""
+def _fwht_cta_log2_default() -> int:
+    src = (resources.files("glq.kernels") / "csrc" / "glq_kernels.cu").read_text()
+    return int(re.search(r"constexpr int kFwhtCtaLog2 = (\d+);", src).group(1))
+
+
+@pytest.mark.parametrize(
+    "lg,cta_log2",
+    [(lg, None) for lg in range(3, 16)] + [(lg, 8) for lg in (9, 10, 11, 12, 15)] + [(lg, 12) for lg in (13, 14, 15)],
+)
+def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg, cta_log2):
+    """fwht_fast_kernel's layout (chunks of a split block, registers, lane shuffles, two exchanges
+    through shared memory) gives fwht_kernel's level-by-level float32 values bit for bit, at every block
+    size, split as hadamard_run splits it by default (None) and under GLQ_KERNELS_FWHT_CTA_LOG2 (8, 12);
+    and the top-first level order is still the Hadamard transform."""
+    top = _fwht_top(lg, _fwht_cta_log2_default() if cta_log2 is None else cta_log2)
+    assert lg - top <= 12, "a chunk fits fwht_fast_kernel's 512 threads"
     rng = np.random.default_rng(lg)
     v = (rng.standard_normal(1 << lg) * 3).astype(np.float32)
     v[::7] *= 1e4  # mixed magnitudes: any change in the order of the additions shows in the rounding
-    got = _fwht_fast_model(v, lg, pts)
-    assert np.array_equal(got.view(np.uint32), _fwht_levels(v[None], lg)[0].view(np.uint32))
+    got = _fwht_fast_model(v, lg, top)
+    want = _fwht_levels(v[None], lg, top)[0]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    if lg <= 12:
+        ref = hadamard_reference(torch.from_numpy(v).double()[None], [1 << lg])[0].numpy()
+        assert np.abs(want - ref).max() <= 1e-5 * np.abs(ref).max()

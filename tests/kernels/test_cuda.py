@@ -167,14 +167,17 @@ def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_fast_fwht_is_the_block_kernel_bit_for_bit(cuda_ext, dtype):
-    """fwht_fast_kernel (registers, shuffles, two exchanges; blocks of 8..16384 points, aligned data)
-    gives fwht_kernel's values bit for bit: every block size, ragged lists in any order (16 points per
-    thread when a 16384-point block is in the launch), 1..64 rows, input and output signs."""
+@pytest.mark.parametrize("cta_log2", ["", "8", "10"])
+def test_fast_fwht_is_the_block_kernel_bit_for_bit(cuda_ext, dtype, cta_log2, monkeypatch):
+    """fwht_fast_kernel (registers, shuffles, two exchanges; every aligned block of 8..32768 points,
+    blocks above 2^cta_log2 points split over 2..8 CTAs) gives fwht_kernel's values bit for bit: every
+    block size, ragged lists in any order, 1..64 rows, input and output signs, with the default split
+    and two smaller ones (GLQ_KERNELS_FWHT_CTA_LOG2)."""
+    monkeypatch.setenv("GLQ_KERNELS_FWHT_CTA_LOG2", cta_log2)
     from glq.kernels.api import default_blocks
 
-    cases = [[1 << k] for k in range(3, 15)] + [list(default_blocks(n)) for n in (24, 576, 960, 2688, 14336, 28672)]
-    cases += [[4096, 4096], [1024] * 8, [8, 2048, 64, 4096], [16384, 8, 512]]
+    cases = [[1 << k] for k in range(3, 16)] + [list(default_blocks(n)) for n in (24, 576, 960, 2688, 14336, 28672)]
+    cases += [[4096, 4096], [1024] * 8, [8, 2048, 64, 4096], [16384, 8, 512], [32768, 8192, 8]]
     for blocks in cases:
         n = sum(blocks)
         logs = [b.bit_length() - 1 for b in blocks]

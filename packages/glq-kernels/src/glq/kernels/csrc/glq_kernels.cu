@@ -2224,12 +2224,57 @@ __device__ __forceinline__ void group_levels(float (&v)[P], int m) {
   }
 }
 
-// One CTA per (row, block) applies every level of its block, so at batch 1 a single SM does a
-// whole 4096- or 8192-point transform: its time is the CTA's instruction count, not bandwidth.
-// Large blocks therefore get more threads (H200, 256 threads: 5.9 us for 4096 points, 9.7 for
-// 14336 = 8192 + 4096 + 2048, against 9.4 us for a whole 4096x4096 2-bpw matmul). Which thread
-// applies a butterfly does not change its inputs or its order, so every thread count gives
-// bit-identical results.
+// Level order, and blocks split over several CTAs. A block of 2^lg points with top = seg_top > 0
+// (hadamard_run: blocks larger than 2^cta_log2 points) is S = 2^top chunks of n = 2^(lg - top) points,
+// and H_{S n} = H_S (x) H_n: output chunk c is H_n applied to u_c = sum_m H_S[c, m] x_m. Both kernels
+// apply the block's top levels first (ascending), then its low levels (ascending). fwht_fast_kernel
+// gives each output chunk its own CTA, which loads every input chunk (S-fold reads of x, from L2) and
+// forms u_c with exactly the butterflies a full network applies on c's path (lower + upper where c's
+// bit is 0, lower - upper where it is 1); fwht_kernel does the whole network in one CTA. So the two
+// stay bit for bit equal.
+// Why split: at batch 1 a block's transform is one CTA's latency chain, and it lengthens with the CTA's
+// threads (H200, one CTA per block: 4096 points on 512 threads 3.7 us, 8192 on 1024 5.8, 16384 on 1024
+// at 16 points each 11.1).
+constexpr int kMaxTopLevels = 3;
+
+// v = u_c's W points at one offset, for a block of 2^TOP chunks; load(m, w) fills w with input chunk
+// m's W points there, signed. Every load is issued before the first butterfly (TOP is a constant).
+template <int TOP, int W, typename Load>
+__device__ __forceinline__ void top_levels(float (&v)[W], int c, Load load) {
+  float w[1 << TOP][W];
+#pragma unroll
+  for (int m = 0; m < (1 << TOP); ++m) load(m, w[m]);
+#pragma unroll
+  for (int k = 0; k < TOP; ++k) {
+    const bool upper = (c >> k) & 1;
+#pragma unroll
+    for (int m = 0; m < (1 << TOP); m += 2 << k) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        const float a = w[m][e], b = w[m + (1 << k)][e];
+        w[m][e] = upper ? a - b : a + b;
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < W; ++e) v[e] = w[0][e];
+}
+
+// top_levels for a runtime top <= TOP_MAX (uniform per CTA). TOP_MAX is the launch's largest top: the
+// kernel's registers are those of its largest case (8 chunks of 8 points at TOP_MAX = 3).
+template <int TOP_MAX, int W, typename Load>
+__device__ __forceinline__ void top_levels_upto(float (&v)[W], int top, int c, Load load) {
+  if (top == 0) top_levels<0>(v, c, load);
+  if constexpr (TOP_MAX >= 1) if (top == 1) top_levels<1>(v, c, load);
+  if constexpr (TOP_MAX >= 2) if (top == 2) top_levels<2>(v, c, load);
+  if constexpr (TOP_MAX >= 3) if (top == 3) top_levels<3>(v, c, load);
+}
+
+// One CTA per (row, block) applies every level of its block. Large blocks get more threads (H200, 256
+// threads: 5.9 us for 4096 points, 9.7 for 14336 = 8192 + 4096 + 2048, against 9.4 us for a whole
+// 4096x4096 2-bpw matmul). Which thread applies a butterfly does not change its inputs or its order, so
+// every thread count gives bit-identical results. Used where fwht_fast_kernel does not apply (blocks of
+// fewer than 8 points, data not 16-byte aligned).
 template <typename T, int NT>
 __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
   extern __shared__ float buf[];
@@ -2240,13 +2285,24 @@ __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
   const int start = p.seg_start[seg];
   const int lg = p.seg_log2[seg];
   const int n = 1 << lg;
+  const int top = p.seg_top[seg];
+  const int nl = n >> top;  // a chunk: the low levels stay inside one
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride + start;
   T* z = static_cast<T*>(p.z) + row * p.z_stride + start;
   const float* sg = p.signs ? p.signs + start : nullptr;
   const float* so = p.out_signs ? p.out_signs + start : nullptr;
 
+  auto level = [&](int h, int lh) {  // pairs (i, i + h), one pass through shared memory
+    for (int q = threadIdx.x; q < n / 2; q += NT) {
+      const int i = ((q >> lh) << (lh + 1)) | (q & (h - 1));
+      const float a = buf[i], b = buf[i + h];
+      buf[i] = a + b;
+      buf[i + h] = a - b;
+    }
+    __syncthreads();
+  };
   int h0 = 1;
-  if (n >= 8) {
+  if (n >= 8 && top == 0) {  // levels 0..2 in registers as the points load
     for (int q = threadIdx.x; q < n / 8; q += NT) {
       float v[8];
 #pragma unroll
@@ -2259,20 +2315,26 @@ __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
       for (int e = 0; e < 8; ++e) buf[8 * q + e] = v[e];
     }
     h0 = 8;
+    __syncthreads();
   } else {
     for (int i = threadIdx.x; i < n; i += NT)
       buf[i] = load_as_float(x + i) * (sg ? sg[i] : 1.f);
-  }
-  __syncthreads();
-  for (int h = h0, lh = (h0 == 8 ? 3 : 0); h < n; h *= 2, ++lh) {
-    for (int q = threadIdx.x; q < n / 2; q += NT) {
-      const int i = ((q >> lh) << (lh + 1)) | (q & (h - 1));
-      const float a = buf[i], b = buf[i + h];
-      buf[i] = a + b;
-      buf[i + h] = a - b;
-    }
     __syncthreads();
+    if (top > 0) {  // the top levels first (blocks of more than 256 points: nl >= 8), then 0..2 in registers
+      for (int lh = lg - top; lh < lg; ++lh) level(1 << lh, lh);
+      for (int q = threadIdx.x; q < n / 8; q += NT) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = buf[8 * q + e];
+        group_levels<8>(v, 3);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) buf[8 * q + e] = v[e];
+      }
+      h0 = 8;
+      __syncthreads();
+    }
   }
+  for (int h = h0, lh = (h0 == 8 ? 3 : 0); h < nl; h *= 2, ++lh) level(h, lh);
   const float scale = rsqrtf(static_cast<float>(n));
   for (int i = threadIdx.x; i < n; i += NT) {
     float v = buf[i] * scale;
@@ -2295,22 +2357,23 @@ const void* fwht_kernel_for(int dtype, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// FWHT with two shared-memory exchanges (fwht_fast_kernel): blocks of 8..16384 points, aligned data.
+// FWHT with registers, shuffles and up to two shared-memory exchanges (fwht_fast_kernel): every aligned
+// block of 8..32768 points.
 //
 // Why: fwht_kernel spends a barrier and a shared-memory round trip per level (9 for 4096 points), and
 // at batch 1 its one CTA per block is pure latency (H200: 5.6 us for 4096 points, 8.5 for 14336).
-// Here a CTA of n/P threads (one CTA per (row, block), as fwht_kernel; P = 8 points per thread for
-// blocks up to 8192 points, 16 up to 16384 (70B's 28672 = 16384 + 8192 + 4096); P = 32 for 32768 spilled
-// 80 bytes at 1024 threads, so those blocks keep fwht_kernel) keeps the levels in registers and shuffles:
-// index bits [0, lp) of a point (lp = log2 P) are a thread's registers (phase A), the next 5 its lane
-// (5 levels by warp shuffles), the next lp registers again after one exchange through shared memory
-// (phase B: a thread takes P/g columns of g points 32P apart), the rest after a second (phase C).
+// Here a CTA of n/8 threads per (row, chunk of at most 2^12 points: blocks above 2^cta_log2 points are
+// split, see top_levels) keeps the levels in registers and shuffles: index bits [0, 3) of a point are a
+// thread's registers (phase A), the next 5 its lane (5 levels by warp shuffles), the next 3 registers
+// again after one exchange through shared memory (phase B: a thread takes 8/g columns of g points 256
+// apart), the last one after a second (phase C, chunks of 4096 points).
 // A layout tried earlier with 32 points per lane and one CTA per *row* was slower than fwht_kernel
-// (4096 points: 8.5 against 5.6 us): too many dependent instructions per warp; here a block of 4096
-// points still gets 512 threads.
-// Numerics are fwht_kernel's exactly (same butterflies, levels in ascending order; a shuffle
-// partner computes a - b as partner - own), so results are bit for bit the same.
-constexpr int kFastMaxLog2 = 14;
+// (4096 points: 8.5 against 5.6 us): too many dependent instructions per warp; here a chunk of 4096
+// points still gets 512 threads. 16 points per thread for unsplit 16384-point blocks was 11.1 us.
+// Numerics are fwht_kernel's exactly (same butterflies in the same order; a shuffle partner computes
+// a - b as partner - own), so results are bit for bit the same.
+constexpr int kFastMaxChunkLog2 = 12;  // 512 threads
+constexpr int kFwhtCtaLog2 = 11;       // default: blocks above 2048 points are split
 
 template <typename T>
 __device__ __forceinline__ void load8f(const T* p, float* v) {
@@ -2328,53 +2391,55 @@ __device__ __forceinline__ void load8f<float>(const float* p, float* v) {
   v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-template <typename T, int P>
-__global__ void __launch_bounds__(1024) fwht_fast_kernel(const HadamardParams p) {
+template <typename T, int TOP_MAX>
+__global__ void __launch_bounds__(1 << (kFastMaxChunkLog2 - 3)) fwht_fast_kernel(const HadamardParams p) {
   extern __shared__ float buf[];
-  constexpr int LP = P == 8 ? 3 : 4;
-  constexpr int LB = LP + 5;   // first bit of phase B
-  constexpr int LC = 2 * LP + 5;  // first bit of phase C
-  static_assert(P == 8 || P == 16, "8 or 16 points per thread");
+  constexpr int P = 8;    // points per thread
+  constexpr int LB = 8;   // first bit of phase B
+  constexpr int LC = 11;  // first bit of phase C
   pdl_launch_next();
   pdl_wait();  // x may be the previous kernel's output
-  const int seg = blockIdx.y;
+  // blockIdx.y: the launch's chunks, block after block. (A table of chunks in the parameters instead of
+  // this search, ~1 KB more of them, timed slower on the small-layer linears: H100, separate calls, the
+  // full 576x1536 2-bpw linear 8.5 -> 8.9 us.)
+  int seg = 0, c = blockIdx.y;
+  while (c >= (1 << p.seg_top[seg])) c -= 1 << p.seg_top[seg++];
   const int start = p.seg_start[seg];
-  const int lg = p.seg_log2[seg];
+  const int top = p.seg_top[seg];
+  const int lg = p.seg_log2[seg] - top;  // this CTA's chunk
   const int n = 1 << lg;
-  const int tpts = n >= P ? n / P : 1;  // threads holding points
-  const int ppt = min(n, P);            // points per such thread
+  const int tpts = n / P;  // threads holding points
   const int t = threadIdx.x;
   const int lane = t % 32;
-  const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_stride + start;
-  T* z = static_cast<T*>(p.z) + blockIdx.x * p.z_stride + start;
+  const T* x = static_cast<const T*>(p.x) + blockIdx.x * p.x_stride + start;  // every chunk of the block
+  T* z = static_cast<T*>(p.z) + blockIdx.x * p.z_stride + start + c * n;
   const float* sg = p.signs ? p.signs + start : nullptr;
-  const float* so = p.out_signs ? p.out_signs + start : nullptr;
-  const float scale = rsqrtf(static_cast<float>(n));
-  auto finish = [&](float v, int i) {  // fwht_kernel's epilogue for point i
+  const float* so = p.out_signs ? p.out_signs + start + c * n : nullptr;
+  const float scale = rsqrtf(static_cast<float>(n << top));
+  auto finish = [&](float v, int i) {  // fwht_kernel's epilogue for point i of the chunk
     v *= scale;
     if (so) v *= so[i];
     z[i] = store_from_float<T>(v);
   };
 
-  // phase A: ppt consecutive points per thread (bits 0..lp-1), then lanes (the next 5 bits)
+  // phase A: 8 consecutive points per thread (bits 0..2), then lanes (the next 5 bits)
   float v[P];
   const bool active = t < tpts;
-#pragma unroll
-  for (int k = 0; k < P / 8; ++k) {
-    if (active && 8 * k < ppt) {
-      load8f<T>(x + ppt * t + 8 * k, v + 8 * k);
+  if (active) {
+    top_levels_upto<TOP_MAX>(v, top, c, [&](int m, float (&w)[8]) {
+      load8f<T>(x + m * n + P * t, w);
       if (sg) {
         float s8[8];
-        load8f<float>(sg + ppt * t + 8 * k, s8);
+        load8f<float>(sg + m * n + P * t, s8);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[8 * k + e] *= s8[e];
+        for (int e = 0; e < 8; ++e) w[e] *= s8[e];
       }
-    } else {
+    });
+  } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[8 * k + e] = 0.f;
-    }
+    for (int e = 0; e < P; ++e) v[e] = 0.f;
   }
-  group_levels<P>(v, min(lg, LP));
+  group_levels<P>(v, 3);
   if (t < ((tpts + 31) & ~31)) {  // warps holding points (all lanes shuffle; idle lanes hold zeros)
 #pragma unroll
     for (int k = 1; k < 32; k *= 2) {
@@ -2390,19 +2455,18 @@ __global__ void __launch_bounds__(1024) fwht_fast_kernel(const HadamardParams p)
   if (lg <= LB) {  // done: no exchange needed (uniform per CTA)
     if (active) {
 #pragma unroll
-      for (int e = 0; e < P; ++e)
-        if (e < ppt) finish(v[e], ppt * t + e);
+      for (int e = 0; e < P; ++e) finish(v[e], P * t + e);
     }
     return;
   }
-  if (active) {  // here ppt == P
+  if (active) {
 #pragma unroll
     for (int e = 0; e < P; e += 4)
       *reinterpret_cast<float4*>(buf + P * t + e) = make_float4(v[e], v[e + 1], v[e + 2], v[e + 3]);
   }
   __syncthreads();
-  // phase B: bits LB..LB+lp-1; group a of this thread is column (a * tpts + t) % 2^LB, part / 2^LB
-  const int mb = min(lg - LB, LP);
+  // phase B: bits LB..LB+2; group a of this thread is column (a * tpts + t) % 2^LB, part / 2^LB
+  const int mb = min(lg - LB, 3);
   const int gb = 1 << mb;
   auto idx_b = [&](int e) {
     const int grp = (e / gb) * tpts + t;
@@ -2438,10 +2502,22 @@ __global__ void __launch_bounds__(1024) fwht_fast_kernel(const HadamardParams p)
   }
 }
 
-// Threads of fwht_fast_kernel for these blocks (points per thread: fwht_fast_points), or 0 where it does
-// not apply (a block of fewer than 8 or more than 2^kFastMaxLog2 points, or data not 16-byte aligned).
-int fwht_fast_points(int max_log) { return max_log <= 13 ? 8 : 16; }
+// The largest block that stays in one CTA: GLQ_KERNELS_FWHT_CTA_LOG2 (8..12, for measurements and
+// tests; anything else is ignored), else kFwhtCtaLog2, at every row count (H100, us, 2^11 against 2^12 for
+// 4096 / 14336 / 28672 points: batch 1 3.0 / 3.4 / 3.7 against 4.0 / 4.2 / 4.6, batch 64 3.8 / 6.9 / 12.8
+// against 4.6 / 7.2 / 13.1; 16384 at batch 64 9.2 against 8.3). Read on every call, so a test can change it.
+int fwht_cta_log2() {
+  const char* env = std::getenv("GLQ_KERNELS_FWHT_CTA_LOG2");
+  if (env && env[0]) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end == 0 && v >= 8 && v <= kFastMaxChunkLog2) return static_cast<int>(v);
+  }
+  return kFwhtCtaLog2;
+}
 
+// Threads of fwht_fast_kernel for these blocks (p.seg_top set), or 0 where it does not apply (a block
+// of fewer than 8 points, or data not 16-byte aligned).
 int fwht_fast_threads(const HadamardParams& p) {
   const int esize = p.dtype == 2 ? 4 : 2;
   auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
@@ -2449,47 +2525,63 @@ int fwht_fast_threads(const HadamardParams& p) {
   if ((p.x_stride * esize) % 16 != 0 || (p.z_stride * esize) % 16 != 0) return 0;
   int max_log = 0;
   for (int s = 0; s < p.nseg; ++s) {
-    if (p.seg_log2[s] < 3 || p.seg_log2[s] > kFastMaxLog2 || p.seg_start[s] % 8 != 0) return 0;
-    max_log = std::max(max_log, p.seg_log2[s]);
+    if (p.seg_log2[s] < 3 || p.seg_start[s] % 8 != 0) return 0;
+    max_log = std::max(max_log, p.seg_log2[s] - p.seg_top[s]);
   }
-  return std::max(32, (1 << max_log) / fwht_fast_points(max_log));
+  return std::max(32, (1 << max_log) / 8);
 }
 
 }  // namespace
 
-template <int P>
+template <int TOP_MAX>
 const void* fwht_fast_kernel_of(int dtype) {
-  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half, P>)
-         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16, P>)
-                              : reinterpret_cast<const void*>(&fwht_fast_kernel<float, P>);
+  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half, TOP_MAX>)
+         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16, TOP_MAX>)
+                              : reinterpret_cast<const void*>(&fwht_fast_kernel<float, TOP_MAX>);
 }
 
-// FWHTs are programmatic launches only on grids of at most 4 CTAs (batch 1): H200, full 4096x14336
-// linear, FWHT launched that way or not: batch 1 22.8 / 23.4 us, batch 8 32.0 / 26.1, batch 16 43.9 /
-// 36.8 (scripts/pdl_probe.py; why larger grids lose was not found).
-static bool fwht_pdl(const HadamardParams& p) { return p.rows * p.nseg <= 4; }
+const void* fwht_fast_kernel_for(int dtype, int top_max) {
+  return top_max == 0   ? fwht_fast_kernel_of<0>(dtype)
+         : top_max == 1 ? fwht_fast_kernel_of<1>(dtype)
+         : top_max == 2 ? fwht_fast_kernel_of<2>(dtype)
+                        : fwht_fast_kernel_of<3>(dtype);
+}
 
-int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
+// FWHTs are programmatic launches only on grids of at most 4 CTAs: H200, full 4096x14336 linear, FWHT
+// launched that way or not: batch 1 22.8 / 23.4 us, batch 8 32.0 / 26.1, batch 16 43.9 / 36.8
+// (scripts/pdl_probe.py; why larger grids lose was not found). Counted in CTAs since blocks split: H100,
+// 14336x4096 at batch 1, whose output transform is 7 CTAs, 24.2 us with it programmatic, 21.0 without.
+static bool fwht_pdl(int ctas) { return ctas <= 4; }
+
+int hadamard_run(const HadamardParams& params, cudaStream_t stream) {
+  HadamardParams p = params;
   if (p.nseg < 1 || p.nseg > kMaxHadamardSegments || p.rows < 1) return cudaErrorInvalidValue;
-  int max_log = 0;
+  const int cta_log2 = fwht_cta_log2();
+  int max_log = 0, chunks = 0, top_max = 0;
   for (int s = 0; s < p.nseg; ++s) {
     if (p.seg_log2[s] < 0 || p.seg_log2[s] > kMaxHadamardLog2) return cudaErrorInvalidValue;
     max_log = std::max(max_log, p.seg_log2[s]);
+    p.seg_top[s] = std::min(kMaxTopLevels, std::max(0, p.seg_log2[s] - cta_log2));
+    top_max = std::max(top_max, p.seg_top[s]);
+    chunks += 1 << p.seg_top[s];
   }
   const int n = 1 << max_log;
-  // fwht_fast_kernel where it applies, else fwht_kernel with about 4 points per thread for the largest
-  // block (2 butterflies per level), 256..1024 threads
+  // fwht_fast_kernel where it applies (a CTA per chunk), else fwht_kernel (a CTA per block) with about 4
+  // points per thread for the largest block (2 butterflies per level), 256..1024 threads
   const int fast_threads = fwht_fast_threads(p);
   const void* fn;
-  int threads, smem = static_cast<int>(sizeof(float)) * n;
+  int threads, smem;
+  dim3 grid(p.rows, p.nseg);
   if (fast_threads > 0) {
-    const int pts = fwht_fast_points(max_log);
-    fn = pts == 8 ? fwht_fast_kernel_of<8>(p.dtype) : fwht_fast_kernel_of<16>(p.dtype);
+    fn = fwht_fast_kernel_for(p.dtype, top_max);
     threads = fast_threads;
-    if (max_log <= 8) smem = 0;  // blocks of <= 256 points never leave registers (any P)
+    grid.y = chunks;
+    // the largest chunk's points; chunks of <= 256 points (32 threads) never leave registers
+    smem = fast_threads > 32 ? static_cast<int>(sizeof(float)) * 8 * fast_threads : 0;
   } else {
     threads = n >= 4096 ? 1024 : n >= 2048 ? 512 : 256;
     fn = fwht_kernel_for(p.dtype, threads);
+    smem = static_cast<int>(sizeof(float)) * n;
   }
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -2499,9 +2591,9 @@ int hadamard_run(const HadamardParams& p, cudaStream_t stream) {
     err = allow_smem(fn, smem, device);
   }
   if (err != cudaSuccess) return err;
-  void* args[] = {const_cast<HadamardParams*>(&p)};
-  err = launch_kernel(fn, dim3(p.rows, p.nseg), dim3(threads), args, static_cast<size_t>(smem), stream, "fwht",
-                      fwht_pdl(p));
+  void* args[] = {&p};
+  err = launch_kernel(fn, grid, dim3(threads), args, static_cast<size_t>(smem), stream, "fwht",
+                      fwht_pdl(static_cast<int>(grid.x * grid.y)));
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

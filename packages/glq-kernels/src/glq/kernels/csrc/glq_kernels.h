@@ -65,6 +65,7 @@ struct HadamardParams {
   int nseg;
   int seg_start[kMaxHadamardSegments];
   int seg_log2[kMaxHadamardSegments];
+  int seg_top[kMaxHadamardSegments];  // set by hadamard_run: blocks split over 2^seg_top CTAs
 };
 
 // Dense decode for large batches (the caller then runs cuBLAS on the result): out (M, K) =
