@@ -2402,8 +2402,11 @@ __global__ void __launch_bounds__(1 << (kFastMaxChunkLog2 - 3)) fwht_fast_kernel
   // blockIdx.y: the launch's chunks, block after block. (A table of chunks in the parameters instead of
   // this search, ~1 KB more of them, timed slower on the small-layer linears: H100, separate calls, the
   // full 576x1536 2-bpw linear 8.5 -> 8.9 us.)
-  int seg = 0, c = blockIdx.y;
-  while (c >= (1 << p.seg_top[seg])) c -= 1 << p.seg_top[seg++];
+  int seg = blockIdx.y, c = 0;
+  if constexpr (TOP_MAX > 0) {  // else no block is split: CTA y is block y
+    seg = 0, c = blockIdx.y;
+    while (c >= (1 << p.seg_top[seg])) c -= 1 << p.seg_top[seg++];
+  }
   const int start = p.seg_start[seg];
   const int top = p.seg_top[seg];
   const int lg = p.seg_log2[seg] - top;  // this CTA's chunk
