@@ -10,13 +10,15 @@ it for several source trees in one call, alternating, and tables the result; by 
       PYTHONPATH=$P0 python3 scripts/ab_probe.py new 4096x14336,4096x4096 2,3,4 1
     done
 
-Arguments: a tag printed first on every line, OUTxIN shapes, rates and batches (comma-separated)."""
+Arguments: a tag printed first on every line, OUTxIN shapes, rates and batches (comma-separated);
+`--linear` times the full GLQ linear instead (``glq.kernels.glq_linear``: input transform, matmul, output
+transform, random signs, default blocks)."""
 
 import argparse
 
 import torch
 
-from glq.kernels import matmul
+from glq.kernels import glq_linear, matmul
 from glq.kernels._build import load_extension
 from glq.kernels.benchmark import make_sets, time_graph
 
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("rates", help="2,3,4,...")
     ap.add_argument("batches", help="1,8,...")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--linear", action="store_true", help="time glq_linear (both transforms) instead of matmul")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
@@ -41,7 +44,18 @@ def main() -> None:
             for rate in rates:
                 n, layers, tables = make_sets(rate, out_f, in_f, batch)
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
-                t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n, replays=args.replays)  # noqa: B023
+                if args.linear:
+                    s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
+                    s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
+
+                    def call(i, x=x, layers=layers, tables=tables, s_in=s_in, s_out=s_out):
+                        return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out)
+                else:
+
+                    def call(i, x=x, layers=layers, tables=tables):
+                        return matmul(x, layers[i][0], tables, layers[i][2])
+
+                t = time_graph(call, n, replays=args.replays)
                 cells.append(f"r{rate}={t * 1e6:.1f}")
             print(f"{args.tag} {out_f}x{in_f} b{batch} " + " ".join(cells), flush=True)
 

@@ -5,7 +5,7 @@ the first tree's first. Usage on a GPU machine, from the repository root:
 
     mkdir -p exp/old && git archive HEAD packages/glq-kernels/src | tar -x -C exp/old
     python3 scripts/ab_trees.py --tree old=exp/old --tree new=. --shapes 4096x14336 4096x4096 \\
-        --rates 2 3 4 --batches 1 --rounds 2
+        --rates 2 3 4 --batches 1 --rounds 2    # --linear: the full GLQ linear, both transforms
 
 A tree is a folder holding packages/glq-kernels/src (`.` is the working tree); every other workspace member
 comes from the working tree."""
@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--rates", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--batches", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--linear", action="store_true", help="time the full GLQ linear (ab_probe.py --linear)")
     args = ap.parse_args()
     trees = []
     for spec in args.tree:
@@ -87,6 +88,7 @@ def main() -> int:
                 return 1
     probe = [str(ROOT / "scripts" / "ab_probe.py")]
     spec = [",".join(args.shapes), ",".join(map(str, args.rates)), ",".join(map(str, args.batches))]
+    spec += ["--linear"] if args.linear else []
     times: dict = {}
     for _ in range(args.rounds):
         for name, env in trees:
