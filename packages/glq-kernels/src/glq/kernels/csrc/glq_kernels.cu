@@ -2404,7 +2404,8 @@ __global__ void __launch_bounds__(1 << (kFastMaxChunkLog2 - 3)) fwht_fast_kernel
   // full 576x1536 2-bpw linear 8.5 -> 8.9 us.)
   int seg = blockIdx.y, c = 0;
   if constexpr (TOP_MAX > 0) {  // else no block is split: CTA y is block y
-    seg = 0, c = blockIdx.y;
+    seg = 0;
+    c = blockIdx.y;
     while (c >= (1 << p.seg_top[seg])) c -= 1 << p.seg_top[seg++];
   }
   const int start = p.seg_start[seg];
