@@ -2237,11 +2237,11 @@ __device__ __forceinline__ void group_levels(float (&v)[P], int m) {
 // at 16 points each 11.1).
 constexpr int kMaxTopLevels = 3;
 
-// v = u_c's W points at one offset, for a block of 2^TOP chunks; load(m, w) fills w with input chunk
-// m's W points there, signed. Every load is issued before the first butterfly (TOP is a constant).
-template <int TOP, int W, typename Load>
-__device__ __forceinline__ void top_levels(float (&v)[W], int c, Load load) {
-  float w[1 << TOP][W];
+// v = u_c's 8 points at one offset, for a block of 2^TOP chunks; load(m, w) fills w with input chunk
+// m's 8 points there, signed. Every load is issued before the first butterfly (TOP is a constant).
+template <int TOP, typename Load>
+__device__ __forceinline__ void top_levels(float (&v)[8], int c, Load load) {
+  float w[1 << TOP][8];
 #pragma unroll
   for (int m = 0; m < (1 << TOP); ++m) load(m, w[m]);
 #pragma unroll
@@ -2250,20 +2250,20 @@ __device__ __forceinline__ void top_levels(float (&v)[W], int c, Load load) {
 #pragma unroll
     for (int m = 0; m < (1 << TOP); m += 2 << k) {
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
+      for (int e = 0; e < 8; ++e) {
         const float a = w[m][e], b = w[m + (1 << k)][e];
         w[m][e] = upper ? a - b : a + b;
       }
     }
   }
 #pragma unroll
-  for (int e = 0; e < W; ++e) v[e] = w[0][e];
+  for (int e = 0; e < 8; ++e) v[e] = w[0][e];
 }
 
 // top_levels for a runtime top <= TOP_MAX (uniform per CTA). TOP_MAX is the launch's largest top: the
 // kernel's registers are those of its largest case (8 chunks of 8 points at TOP_MAX = 3).
-template <int TOP_MAX, int W, typename Load>
-__device__ __forceinline__ void top_levels_upto(float (&v)[W], int top, int c, Load load) {
+template <int TOP_MAX, typename Load>
+__device__ __forceinline__ void top_levels_upto(float (&v)[8], int top, int c, Load load) {
   if (top == 0) top_levels<0>(v, c, load);
   if constexpr (TOP_MAX >= 1) if (top == 1) top_levels<1>(v, c, load);
   if constexpr (TOP_MAX >= 2) if (top == 2) top_levels<2>(v, c, load);
@@ -2343,11 +2343,16 @@ __global__ void __launch_bounds__(NT) fwht_kernel(const HadamardParams p) {
   }
 }
 
+// The FWHT kernel instantiation for dtype (DType, or 2 for float32).
+const void* by_dtype(int dtype, const void* f16, const void* bf16, const void* f32) {
+  return dtype == kFloat16 ? f16 : dtype == kBFloat16 ? bf16 : f32;
+}
+
 template <int NT>
 const void* fwht_kernel_of(int dtype) {
-  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_kernel<__half, NT>)
-         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16, NT>)
-                              : reinterpret_cast<const void*>(&fwht_kernel<float, NT>);
+  return by_dtype(dtype, reinterpret_cast<const void*>(&fwht_kernel<__half, NT>),
+                  reinterpret_cast<const void*>(&fwht_kernel<__nv_bfloat16, NT>),
+                  reinterpret_cast<const void*>(&fwht_kernel<float, NT>));
 }
 
 const void* fwht_kernel_for(int dtype, int threads) {
@@ -2539,9 +2544,9 @@ int fwht_fast_threads(const HadamardParams& p) {
 
 template <int TOP_MAX>
 const void* fwht_fast_kernel_of(int dtype) {
-  return dtype == kFloat16    ? reinterpret_cast<const void*>(&fwht_fast_kernel<__half, TOP_MAX>)
-         : dtype == kBFloat16 ? reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16, TOP_MAX>)
-                              : reinterpret_cast<const void*>(&fwht_fast_kernel<float, TOP_MAX>);
+  return by_dtype(dtype, reinterpret_cast<const void*>(&fwht_fast_kernel<__half, TOP_MAX>),
+                  reinterpret_cast<const void*>(&fwht_fast_kernel<__nv_bfloat16, TOP_MAX>),
+                  reinterpret_cast<const void*>(&fwht_fast_kernel<float, TOP_MAX>));
 }
 
 const void* fwht_fast_kernel_for(int dtype, int top_max) {
