@@ -342,15 +342,17 @@ def test_cuda_sources_compile(tmp_path):
             assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0EEEv" in ptx, rate
         if rate in (6, 7):  # also with 8 copies of the first two 16-bit stages
             assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2EEEv" in ptx, rate
+        if rate == 8:  # also with 8 copies of the first 16-bit stage
+            assert "glq_gemv_kernelI6__halfLi4ELb0ELi2ELi1ELi2ELi1EEEv" in ptx
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 8 (8 copies at rates 4-7), row-tile 6, batched 18
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8), row-tile 6, batched 18
     # + 6 (8 copies at rate 4), FWHT 3 x 3 (fwht_kernel) and 3 x 4 (fwht_fast_kernel
     # per largest top level count)
-    assert len(pdl) == 42 + 22 + 6 + 24 + 9 + 12, len(pdl)
+    assert len(pdl) == 42 + 24 + 6 + 24 + 9 + 12, len(pdl)
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]

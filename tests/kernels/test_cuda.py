@@ -288,11 +288,11 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
 
 
-@pytest.mark.parametrize("rate", [4, 5, 6, 7], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("rate", [4, 5, 6, 7, 8], ids=lambda r: f"r{r}")
 def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
-    """At rates 4-7 the small-batch kernel holds 8 or 4 copies of its first two stage tables (8 from
-    kWideTableWeights weights on, within kWideMaxSmem): the copies only move lookups between banks, so
-    both give the same bits, at awkward shapes, batches and splits; and the plan picks 8 on a large
+    """At rates 4-8 the small-batch kernel holds 8 or 4 copies of its first two stage tables (rate 8: of its
+    first; 8 from 32 M weights on, 8 M at rate 8, within kWideMaxSmem): the copies only move lookups between
+    banks, so both give the same bits, at awkward shapes, batches and splits; and the plan picks 8 on a large
     layer, 4 on a smaller one, and 4 where 8 would take more shared memory (rate 7 at batch 8)."""
     for out_f, in_f in [(960, 2688), (24, 24), (4096, 8 * 1001)]:
         codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=7, device="cuda")
@@ -308,7 +308,8 @@ def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
                     assert torch.equal(y4, y8), (out_f, in_f, b, dtype, ks)
     assert torch.ops.glq_cuda.matmul_plan(1, 4096, 14336, rate, 0, 0, 0, 0, 0)[4] == 8
     assert torch.ops.glq_cuda.matmul_plan(8, 4096, 14336, rate, 0, 0, 0, 0, 0)[4] == (4 if rate == 7 else 8)
-    assert torch.ops.glq_cuda.matmul_plan(1, 4096, 4096, rate, 0, 0, 0, 0, 0)[4] == 4
+    assert torch.ops.glq_cuda.matmul_plan(1, 4096, 4096, rate, 0, 0, 0, 0, 0)[4] == (8 if rate == 8 else 4)
+    assert torch.ops.glq_cuda.matmul_plan(1, 2048, 2048, rate, 0, 0, 0, 0, 0)[4] == 4
 
 
 @pytest.mark.parametrize("rate", [2, 3, 4], ids=lambda r: f"r{r}")

@@ -1512,20 +1512,23 @@ GemvInfo gemv_info() {
       reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE>));
 }
 
-// Rates 4-7 on layers of at least kWideTableWeights weights hold 8 copies of their first two 16-bit
-// stage tables instead of 4 (rates 4-5: RL2 = 3, every table; 6-7: SliceTables' WIDE = 2): those
-// lookups become conflict-free, and the kernel is bound by its shared-memory lookups there. Measured
-// (H200, batch 1 and 8, v4, notes/kernels.md stop 17): 4096x14336 and 14336x4096 7-13% faster at 4 bpw,
-// 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch 1), the 70B shapes 12-30%; but 4096x4096 4-11% slower
-// (the larger table fill does not pay off over fewer codes per CTA). Only while the CTA's dynamic shared memory stays within kWideMaxSmem: beyond
-// it (rate 8 at any batch, rate 7 at batch 8) the driver's 228 KiB carve-out leaves 28 KiB of L1 for x
-// and every such case measured 4-19% slower.
+// Rates 4-8 on layers of at least kWideTableWeights weights hold 8 copies of their first 16-bit stage tables
+// instead of 4: the first two at rates 4-7 (rates 4-5: RL2 = 3, every table; 6-7: SliceTables' WIDE = 2), the
+// first at rate 8 (WIDE = 1: 64 + 3 x 32 KiB). Those lookups become conflict-free, and the kernel is bound by its
+// shared-memory lookups there. Measured (H200, batch 1 and 8, v4, notes/kernels.md stop 17): 4096x14336 and
+// 14336x4096 7-13% faster at 4 bpw, 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch 1), the 70B shapes 12-30%; but
+// 4096x4096 4-11% slower (the larger table fill does not pay off over fewer codes per CTA). Rate 8 (stop 23,
+// H200, batch 1 and 8) adds only 32 KiB to the fill and wins from 8 M weights (wide_table_weights): 4096x14336,
+// 14336x4096 and 8192x8192 5-7% faster, 4096x4096 3%, 2048x4096 2-3%. Only while the CTA's dynamic shared memory stays within
+// kWideMaxSmem: beyond it (two 8-copy stages at rate 8, rate 7 at batch 8) the driver's 228 KiB carve-out
+// leaves 28 KiB of L1 for x and every such case measured 4-19% slower.
 constexpr long long kWideTableWeights = 1LL << 25;
+constexpr long long wide_table_weights(int rate) { return rate == 8 ? 1LL << 23 : kWideTableWeights; }
 constexpr int kWideMaxSmem = 192 * 1024;
 
 // v4 for `rate` with `rep` table copies where the rate offers a choice (rep 8 at rates 4-7: 8 copies
-// of the first two 16-bit stages; anything else, and every rep at rates 2, 3 and 8, gives the rate's
-// fixed copies).
+// of the first two 16-bit stages, at rate 8 of the first; anything else, and every rep at rates 2 and 3,
+// gives the rate's fixed copies).
 template <typename T>
 GemvInfo pick_gemv_rate(int rate, int rep) {
   switch (rate) {
@@ -1535,7 +1538,7 @@ GemvInfo pick_gemv_rate(int rate, int rep) {
     case 5: return rep == 8 ? gemv_info<T, 2, true, 3>() : gemv_info<T, 2, true>();
     case 6: return rep == 8 ? gemv_info<T, 3, false, 2, 2>() : gemv_info<T, 3, false>();
     case 7: return rep == 8 ? gemv_info<T, 3, true, 2, 2>() : gemv_info<T, 3, true>();
-    case 8: return gemv_info<T, 4, false>();
+    case 8: return rep == 8 ? gemv_info<T, 4, false, 2, 1>() : gemv_info<T, 4, false>();
     default: return {nullptr, 0};
   }
 }
@@ -1810,13 +1813,13 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 // A step is one slice x kGemvT row tiles of a warp.
-// rep: 8 or 4 picks the table copies at rates 4-7 (anything else: 8 on layers of at least
-// kWideTableWeights weights within kWideMaxSmem, else 4).
+// rep: 8 or 4 picks the table copies at rates 4-8 (anything else: 8 on layers of at least
+// wide_table_weights(rate) weights within kWideMaxSmem, else 4).
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const int red_bytes = kGemvWarps * kGemvRows * B * 4;
-  if (rate >= 4 && rate <= 7 && rep != 4 && rep != 8) {
-    if (static_cast<long long>(M) * K >= kWideTableWeights &&
+  if (rate >= 4 && rep != 4 && rep != 8) {
+    if (static_cast<long long>(M) * K >= wide_table_weights(rate) &&
         pick_gemv(rate, dtype, 8).table_bytes + red_bytes <= kWideMaxSmem) {
       if (gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
       cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error

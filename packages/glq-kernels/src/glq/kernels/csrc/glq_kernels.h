@@ -83,7 +83,7 @@ struct DequantParams {
 
 // All return a cudaError_t (cudaSuccess == 0).
 // variant: MatmulKernel. rep > 0 (table copies of the MMA kernel) implies the MMA kernel in auto; with
-// variant kKernelGemv at rates 4-7 or kKernelBatched at rate 4, rep 4 or 8 picks that kernel's table
+// variant kKernelGemv at rates 4-8 or kKernelBatched at rate 4, rep 4 or 8 picks that kernel's table
 // copies (else its own rule).
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan);
