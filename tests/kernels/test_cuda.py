@@ -291,7 +291,7 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
 @pytest.mark.parametrize("rate", [4, 5, 6, 7, 8], ids=lambda r: f"r{r}")
 def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
     """At rates 4-8 the small-batch kernel holds 8 or 4 copies of its first two stage tables (rate 8: of its
-    first; 8 from 32 M weights on, 8 M at rate 8, within kWideMaxSmem): the copies only move lookups between
+    first; 8 from kWideTableWeights = 8 M weights on, within kWideMaxSmem): the copies only move lookups between
     banks, so both give the same bits, at awkward shapes, batches and splits; and the plan picks 8 on a large
     layer, 4 on a smaller one, and 4 where 8 would take more shared memory (rate 7 at batch 8)."""
     for out_f, in_f in [(960, 2688), (24, 24), (4096, 8 * 1001)]:
@@ -308,7 +308,7 @@ def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
                     assert torch.equal(y4, y8), (out_f, in_f, b, dtype, ks)
     assert torch.ops.glq_cuda.matmul_plan(1, 4096, 14336, rate, 0, 0, 0, 0, 0)[4] == 8
     assert torch.ops.glq_cuda.matmul_plan(8, 4096, 14336, rate, 0, 0, 0, 0, 0)[4] == (4 if rate == 7 else 8)
-    assert torch.ops.glq_cuda.matmul_plan(1, 4096, 4096, rate, 0, 0, 0, 0, 0)[4] == (8 if rate == 8 else 4)
+    assert torch.ops.glq_cuda.matmul_plan(1, 2048, 4096, rate, 0, 0, 0, 0, 0)[4] == 8
     assert torch.ops.glq_cuda.matmul_plan(1, 2048, 2048, rate, 0, 0, 0, 0, 0)[4] == 4
 
 
@@ -528,7 +528,8 @@ def test_batched_kernel_table_copies_give_identical_results(cuda_ext):
                     assert torch.equal(y4, y8), (out_f, in_f, b, dtype, ks)
     for b in (16, 64):
         assert torch.ops.glq_cuda.matmul_plan(b, 4096, 14336, 4, 0, 0, 0, 0, 3)[4] == 8
-        assert torch.ops.glq_cuda.matmul_plan(b, 4096, 4096, 4, 0, 0, 0, 0, 3)[4] == 4
+        assert torch.ops.glq_cuda.matmul_plan(b, 4096, 4096, 4, 0, 0, 0, 0, 3)[4] == 8
+        assert torch.ops.glq_cuda.matmul_plan(b, 2048, 2048, 4, 0, 0, 0, 0, 3)[4] == 4
 
 
 def test_split_k_launches_on_two_streams_at_once(cuda_ext):

@@ -1516,14 +1516,15 @@ GemvInfo gemv_info() {
 // instead of 4: the first two at rates 4-7 (rates 4-5: RL2 = 3, every table; 6-7: SliceTables' WIDE = 2), the
 // first at rate 8 (WIDE = 1: 64 + 3 x 32 KiB). Those lookups become conflict-free, and the kernel is bound by its
 // shared-memory lookups there. Measured (H200, batch 1 and 8, v4, notes/kernels.md stop 17): 4096x14336 and
-// 14336x4096 7-13% faster at 4 bpw, 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch 1), the 70B shapes 12-30%; but
-// 4096x4096 4-11% slower (the larger table fill does not pay off over fewer codes per CTA). Rate 8 (stop 23,
-// H200, batch 1 and 8) adds only 32 KiB to the fill and wins from 8 M weights (wide_table_weights): 4096x14336,
-// 14336x4096 and 8192x8192 5-7% faster, 4096x4096 3%, 2048x4096 2-3%. Only while the CTA's dynamic shared memory stays within
-// kWideMaxSmem: beyond it (two 8-copy stages at rate 8, rate 7 at batch 8) the driver's 228 KiB carve-out
-// leaves 28 KiB of L1 for x and every such case measured 4-19% slower.
-constexpr long long kWideTableWeights = 1LL << 25;
-constexpr long long wide_table_weights(int rate) { return rate == 8 ? 1LL << 23 : kWideTableWeights; }
+// 14336x4096 7-13% faster at 4 bpw, 18-20% at 5, 8-11% at 6, 6-10% at 7 (batch 1), the 70B shapes 12-30%.
+// Stop 17 also found 4096x4096 4-11% slower and set the threshold at 32 M weights, but its fill then stored
+// every copy with an 8-way bank conflict (fixed in stop 18, fill_tables_as); re-measured (stop 23, H200, batches
+// 1 and 8) 8 copies win from 8 M weights: 4096x4096 7-18% faster at 4-6 bpw, 2-7% at 7, 2048x4096 3-11%; rate
+// 8 4096x14336, 14336x4096 and 8192x8192 5-7%, 4096x4096 3%. Smaller layers do not run v4 (ops.py).
+// Only while the CTA's dynamic shared memory stays within kWideMaxSmem: beyond it (two 8-copy stages at rate 8,
+// rate 7 at batch 8) the driver's 228 KiB carve-out leaves 28 KiB of L1 for x and every such case measured
+// 4-19% slower.
+constexpr long long kWideTableWeights = 1LL << 23;
 constexpr int kWideMaxSmem = 192 * 1024;
 
 // v4 for `rate` with `rep` table copies where the rate offers a choice (rep 8 at rates 4-7: 8 copies
@@ -1814,12 +1815,12 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 // Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
 // A step is one slice x kGemvT row tiles of a warp.
 // rep: 8 or 4 picks the table copies at rates 4-8 (anything else: 8 on layers of at least
-// wide_table_weights(rate) weights within kWideMaxSmem, else 4).
+// kWideTableWeights weights within kWideMaxSmem, else 4).
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const int red_bytes = kGemvWarps * kGemvRows * B * 4;
   if (rate >= 4 && rep != 4 && rep != 8) {
-    if (static_cast<long long>(M) * K >= wide_table_weights(rate) &&
+    if (static_cast<long long>(M) * K >= kWideTableWeights &&
         pick_gemv(rate, dtype, 8).table_bytes + red_bytes <= kWideMaxSmem) {
       if (gemv_plan(B, M, K, rate, dtype, 8, ksplit, device, plan) == cudaSuccess) return cudaSuccess;
       cudaGetLastError();  // a device with less shared memory: clear the failed attribute call's error
@@ -1860,7 +1861,8 @@ int gemv_rt_plan(int B, int M, int K, int rate, int dtype, int ksplit, int devic
 // Plan of the batched kernel (v5): 128-row items; a step is one slice for the 2 row tiles of a warp.
 // rep 8 or 4 picks the table copies at rate 4; else 8 on layers of at least kWideTableWeights weights
 // (v4's rule; 4 bpw, H100, against 4 copies: 4096x14336 and 14336x4096 2-10% faster at batches 16-32,
-// -3% to +2% at 64; 4096x4096 2-7% slower), 4 otherwise.
+// -3% to +2% at 64; 4096x4096 2-7% slower then, before the fill lost its bank conflicts, 2-6% faster at
+// batches 16 and 64 since, H200), 4 otherwise.
 int batched_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (rate == 4 && rep != 4 && rep != 8) {
     if (static_cast<long long>(M) * K >= kWideTableWeights) {
