@@ -1501,7 +1501,7 @@ GemvInfo slice_info(const void* fn) {
   return {fn, RL2, WIDE > 0 || RL2 == 3 ? 8 : 1 << RL2, SliceTables<N16, HAS8, RL2, WIDE>::bytes()};
 }
 
-// 8 table copies for one 16-bit stage, 4 otherwise (and 8 for two stages on large layers, below).
+// 8 table copies for one 16-bit stage, 4 otherwise (and 8 for the first one or two on v4's layers, below).
 // 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
 // rate (tried; see notes). Code ring 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
 template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0>
