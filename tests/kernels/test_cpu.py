@@ -812,3 +812,23 @@ def test_fast_fwht_model_is_the_fwht_kernel_bit_for_bit(lg, cta_log2):
     if lg <= 12:
         ref = hadamard_reference(torch.from_numpy(v).double()[None], [1 << lg])[0].numpy()
         assert np.abs(want - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_benchmark_goal_table_judges_each_goal_by_its_worst_case():
+    """The benchmark's goal table: a goal is met only when every one of its cases was measured at its
+    target, missed when any measured case falls short, and open when the measured ones pass but some
+    were not run (--quick leaves out rates 5-7)."""
+    from glq.kernels.benchmark import LARGE_SHAPES, SHAPES, goal_rows
+
+    speed = {(o, i, 1, r): 1.2 for o, i in SHAPES for r in (2, 3, 4, 8)}  # rates 5-7 not run
+    speed.update({(o, i, 1, 2): 4.5 for o, i in LARGE_SHAPES})  # 2 bpw: every case above 4x
+    speed.update({(o, i, 1, 3): 3.5 for o, i in LARGE_SHAPES})
+    speed[(4096, 4096, 1, 3)] = 2.9  # 3 bpw: one case short of 3x
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in goal_rows(speed, {(4096, 14336, 1, 2): 2.0})[2:]}
+    assert rows["2 bpw, batch 1"].endswith("| 3 of 3 | met |")
+    assert "| 4096x4096, 3 bpw | 2.90x | 2 of 3 | missed |" in rows["3 bpw, batch 1"]
+    assert rows["4 bpw, batch 1"].endswith("| 0 of 3 | missed |")  # 1.2x against 2.5x
+    assert rows["every rate, every shape, batch 1"].endswith(f"| {4 * len(SHAPES)} of {7 * len(SHAPES)} | "
+                                                             f"open ({3 * len(SHAPES)} cases not measured) |")
+    assert rows["2 bpw, batch 16"].endswith("| 0 of 3 | not measured |")
+    assert "| 4096x14336, 2 bpw | 2.00x | 0 of 1 | missed |" in rows["full GLQ linear, 2 bpw, batch 1"]

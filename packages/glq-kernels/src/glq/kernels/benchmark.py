@@ -37,6 +37,45 @@ SHAPES = [  # (out, in)
     (576, 1536),
 ]
 
+# Issue 5's speed goals, each (what, shapes, batch, rates, least speed-up over bf16 cuBLAS on every case).
+# The full-linear goal is judged on glq_linear (both transforms), the others on the matmul.
+LARGE_SHAPES = SHAPES[:3]
+SPEED_GOALS = [
+    ("2 bpw, batch 1", LARGE_SHAPES, 1, (2,), 4.0),
+    ("3 bpw, batch 1", LARGE_SHAPES, 1, (3,), 3.0),
+    ("4 bpw, batch 1", LARGE_SHAPES, 1, (4,), 2.5),
+    ("every rate, every shape, batch 1", SHAPES, 1, tuple(range(2, 9)), 1.0),
+    ("2 bpw, batch 16", LARGE_SHAPES, 16, (2,), 2.0),
+    ("4 bpw, batch 64", LARGE_SHAPES, 64, (4,), 1.0),
+]
+LINEAR_GOAL = ("full GLQ linear, 2 bpw, batch 1", [(4096, 14336)], 1, (2,), 3.0)
+
+
+def goal_rows(matmul_speedups: dict, linear_speedups: dict) -> list[str]:
+    """A Markdown table of the speed goals against measured speed-ups ({(out, in, batch, rate): bf16 time /
+    GLQ time}): per goal its worst measured case, how many cases meet the target, and the verdict. A goal
+    with unmeasured cases (a --quick run leaves out rates 5-7) can be missed but never met."""
+    rows = ["| goal | target | worst case | its speed-up | cases at target | verdict |", "|---|---|---|---|---|---|"]
+    for goal, speedups in [*((g, matmul_speedups) for g in SPEED_GOALS), (LINEAR_GOAL, linear_speedups)]:
+        what, shapes, batch, rates, target = goal
+        cases = [(o, i, batch, r) for o, i in shapes for r in rates]
+        measured = {c: speedups[c] for c in cases if c in speedups}
+        if not measured:
+            rows.append(f"| {what} | {target:g}x | - | - | 0 of {len(cases)} | not measured |")
+            continue
+        worst = min(measured, key=measured.get)
+        at_target = sum(v >= target for v in measured.values())
+        if at_target < len(measured):
+            verdict = "missed"
+        elif len(measured) < len(cases):
+            verdict = f"open ({len(cases) - len(measured)} cases not measured)"
+        else:
+            verdict = "met"
+        o, i, _, r = worst
+        rows.append(f"| {what} | {target:g}x | {o}x{i}, {r} bpw | {measured[worst]:.2f}x | "
+                    f"{at_target} of {len(cases)} | {verdict} |")
+    return rows
+
 
 def _l2_bytes() -> int:
     return torch.cuda.get_device_properties(0).L2_cache_size
@@ -227,6 +266,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
             configs.append((out_f, in_f, 16, rate))
             configs.append((out_f, in_f, 64, rate))
     bf16_cache = {}
+    speedups, linear_speedups = {}, {}  # (out, in, batch, rate) -> bf16 time / GLQ time, for goal_rows
     if linear_only:
         configs = []
     for out_f, in_f, batch, rate in configs:
@@ -273,6 +313,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
         else:
             v3 += " - | - |"
         w = exact = None
+        speedups[(out_f, in_f, batch, rate)] = tb / t
         nb = glq_bytes(rate, out_f, in_f, batch)
         rows.append(
             f"| {out_f}x{in_f} | {batch} | {rate} | {t * 1e6:.1f} | {tb * 1e6:.1f} | "
@@ -310,6 +351,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
             del os.environ["GLQ_KERNELS_PDL"]
         tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
         tb = bf16_cache.get((out_f, in_f, batch)) or bench_bf16(out_f, in_f, batch)
+        linear_speedups[(out_f, in_f, batch, rate)] = tb / tl_
         lin.append(
             f"| {out_f}x{in_f} | {batch} | {rate} | {tl_ * 1e6:.1f} | {tu * 1e6:.1f} | {tm * 1e6:.1f} | "
             f"{tb * 1e6:.1f} | {tb / tl_:.2f}x |"
@@ -335,8 +377,10 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
             fw.append(f"| {n_f} {tuple(blocks)} | {batch} | {t * 1e6:.1f} |")
             print(fw[-1], flush=True)
 
+    goals = goal_rows(speedups, linear_speedups)
+    print("\n".join(goals), flush=True)
     if linear_only:
-        return [*lines, "", *lin, "", *fw]
+        return [*lines, "", *goals, "", *lin, "", *fw]
 
     # split-K of the small-batch kernel (v4, the batch-1 default), rate 2 and 4, batch 1: the auto
     # plan (ksplit 0) against forced splits, to tune the planner's cost model. The small SmolLM2
@@ -370,7 +414,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
                     rts.append(f"| {out_f}x{in_f} | {batch} | {rate} | failed: {e} | | | |")
                 print(rts[-1], flush=True)
             layers = w = None
-    return [*lines, "", *rows, "", *pre, "", *lin, "", *fw, "", *var, "", *rts]
+    return [*lines, "", *goals, "", *rows, "", *pre, "", *lin, "", *fw, "", *var, "", *rts]
 
 
 def main(argv=None) -> int:
