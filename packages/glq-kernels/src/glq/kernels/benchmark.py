@@ -7,7 +7,8 @@ Timing: each measurement captures a CUDA graph of calls cycling through enough w
 that the working set exceeds twice the L2 (no call finds its weights cached), replays it after
 warm-up, and reports the median per-call time over many replays. bf16 cuBLAS ``F.linear`` on the
 same shapes runs in the same process as the baseline. Achieved bandwidth counts the bytes a call
-must move (codes, activations in and out, row scales) over its time.
+must move (codes, activations in and out, row scales) over its time. The first table judges the
+speed goals (SPEED_GOALS, LINEAR_GOAL) by each goal's worst measured case.
 """
 
 from __future__ import annotations
