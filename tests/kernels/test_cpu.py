@@ -324,7 +324,7 @@ def test_traced_build_stamps_only_the_small_batch_kernel(tmp_path):
     and nowhere else; the normal build (test_cuda_sources_compile) has none."""
     ptx = _compile_ptx(tmp_path, "GLQ_TRACE")
     entries = [e.split("(")[0] for e in ptx.split(".entry ")[1:] if "%globaltimer" in e.split("\n}\n")[0]]
-    assert len(entries) == 22, len(entries)  # 11 v4 instantiations x 2 dtypes (see test_cuda_sources_compile)
+    assert len(entries) == 24, len(entries)  # 12 v4 instantiations x 2 dtypes (see test_cuda_sources_compile)
     assert all("glq_gemv_kernelI" in e for e in entries), entries
 
 
