@@ -853,7 +853,10 @@ __device__ __forceinline__ uint4 gemv_decode(const SliceCodes<N16, HAS8>& cc, in
     v.x ^= (lo * 0x40008000u) & 0x80008000u;
     v.y ^= (lo * 0x10002000u) & 0x80008000u;
     v.z ^= (lo * 0x04000800u) & 0x80008000u;
-    v.w ^= ((lo << 9) + par) & 0x80008000u;
+    // v.w ^ bit 6 of lo at 15 ^ par, written so that ptxas emits SHL + LOP3 + IMAD (adding 2^31 flips bit 31):
+    // the XOR form took 4 instructions. v4's loop per 32 codes: 674 -> 659 SASS at 2 bpw, 1374 -> 1339 at 4,
+    // 2676 -> 2611 at 8 (branch next/sign-w: compiled, not yet timed; same bits by construction).
+    v.w = (v.w ^ ((lo << 9) & 0x8000u)) + par;
     if (s == 0) {
       acc = v;
     } else {
