@@ -112,3 +112,30 @@ def test_fused_siblings_on_cuda_match_unfused_and_capture(tiny_llama_path, monke
     link_shared_inputs(m)  # fused again
     eager, graph, step = _eager_and_graph(m, ids[:, :4], 8)
     assert torch.equal(eager, graph) and step.replays == 7
+
+
+def test_loading_on_cuda_tiles_the_codes_and_changes_no_bit(monkeypatch):
+    """On the CUDA C backend loading holds every layer with a tiled layout tiled (GLQ_HF_TILE=0: row-major), fused
+    or not; the logits are the row-major model's bit for bit (same kernels and plans, other addresses), and a
+    CUDA-graph decode of the tiled model equals eager."""
+    from transformers import LlamaConfig
+
+    from glq.hf.linear import GLQLinear
+    from glq.hf.testing import random_glq_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=64)
+    ids = torch.tensor([[1, 5, 9, 2, 7]], device="cuda")
+    logits = {}
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("GLQ_HF_FUSE", fuse)
+        for tile in ("0", "1"):
+            monkeypatch.setenv("GLQ_HF_TILE", tile)
+            m = random_glq_model(config, 3, device="cuda", dtype=torch.bfloat16, tables="random")
+            tiled = [x.codes_tiled for x in m.modules() if isinstance(x, GLQLinear)]
+            assert sum(tiled) == (12 if tile == "1" else 0), tiled  # all but down_proj (in 320)
+            with torch.no_grad():
+                logits[fuse, tile] = m(ids).logits
+    assert torch.equal(logits["0", "1"], logits["0", "0"]) and torch.equal(logits["1", "1"], logits["1", "0"])
+    eager, graph, step = _eager_and_graph(m, ids[:, :4], 8)
+    assert torch.equal(eager, graph) and step.replays == 7

@@ -324,7 +324,7 @@ def test_traced_build_stamps_only_the_small_batch_kernel(tmp_path):
     and nowhere else; the normal build (test_cuda_sources_compile) has none."""
     ptx = _compile_ptx(tmp_path, "GLQ_TRACE")
     entries = [e.split("(")[0] for e in ptx.split(".entry ")[1:] if "%globaltimer" in e.split("\n}\n")[0]]
-    assert len(entries) == 24, len(entries)  # 12 v4 instantiations x 2 dtypes (see test_cuda_sources_compile)
+    assert len(entries) == 48, len(entries)  # 12 v4 instantiations x 2 dtypes x 2 code layouts
     assert all("glq_gemv_kernelI" in e for e in entries), entries
 
 
@@ -334,16 +334,17 @@ def test_cuda_sources_compile(tmp_path):
     ptx = _compile_ptx(tmp_path)
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "%globaltimer" not in ptx  # trace stamps exist only in GLQ_KERNELS_TRACE builds
-    for rate in range(2, 9):  # the small-batch kernel (v4) at every rate: <T, N16, HAS8, RL2, MINB, NB>
+    # the small-batch kernel (v4) at every rate, on both code layouts: <T, N16, HAS8, RL2, MINB, NB, WIDE, TILED>
+    for rate, tiled in ((r, t) for r in range(2, 9) for t in (0, 1)):
         n16, has8 = rate // 2, rate % 2
         rl2, nb = (3, 4) if n16 == 1 else (2, 2)
-        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}ELi0EEEv" in ptx, rate
+        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}ELi0ELb{tiled}EEEv" in ptx, rate
         if n16 == 2:  # rates 4-5 also with 8 table copies, for layers of >= kWideTableWeights weights
-            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0EEEv" in ptx, rate
+            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0ELb{tiled}EEEv" in ptx, rate
         if rate in (6, 7):  # also with 8 copies of the first two 16-bit stages
-            assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2EEEv" in ptx, rate
+            assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2ELb{tiled}EEEv" in ptx, rate
         if rate == 8:  # also with 8 copies of the first 16-bit stage
-            assert "glq_gemv_kernelI6__halfLi4ELb0ELi2ELi1ELi2ELi1EEEv" in ptx
+            assert f"glq_gemv_kernelI6__halfLi4ELb0ELi2ELi1ELi2ELi1ELb{tiled}EEEv" in ptx
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
@@ -352,7 +353,7 @@ def test_cuda_sources_compile(tmp_path):
     # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8), row-tile 6, batched 18
     # + 6 (8 copies at rate 4), FWHT 3 x 3 (fwht_kernel) and 3 x 4 (fwht_fast_kernel
     # per largest top level count)
-    assert len(pdl) == 42 + 24 + 6 + 24 + 9 + 12, len(pdl)
+    assert len(pdl) == 2 * (42 + 24 + 6 + 24) + 9 + 12, len(pdl)  # x 2: every matmul kernel on tiled codes too
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
@@ -445,19 +446,24 @@ class _FakeCuda:
         self.calls = []
 
     def matmul(self, x, codes, tables, row_scale, rate, gain, variant):
-        from glq.kernels.ops import PREFER
+        from glq.kernels.layout import untile_codes
+        from glq.kernels.ops import PREFER, TILED
         from glq.kernels.qmatmul.reference import matmul_reference
 
         # the new kernels are asked for with PREFER (the extension falls back without raising)
-        assert variant in (0, 1) or variant & PREFER, variant
+        assert variant & ~TILED in (0, 1) or variant & PREFER, variant
         self.calls.append(("fused", x.shape[0], variant & ~PREFER, tables.dtype))
         bits = list(RATE_STAGES[rate])
+        # as the extension reads them: a wrong layout flag gives wrong numbers here too
+        codes = untile_codes(codes) if variant & TILED else codes
         return matmul_reference(x, codes, tables, row_scale, bits, gain)
 
-    def dequantize(self, codes, tables, row_scale, rate, gain, dtype):
+    def dequantize(self, codes, tables, row_scale, rate, gain, dtype, tiled):
+        from glq.kernels.layout import untile_codes
         from glq.kernels.qmatmul.reference import dequantize_reference
 
-        self.calls.append(("dense", tables.dtype, dtype))
+        self.calls.append(("dense", tables.dtype, dtype, tiled))
+        codes = untile_codes(codes) if tiled else codes
         return dequantize_reference(codes, tables, row_scale, RATE_STAGES[rate], gain).to(dtype)
 
 
@@ -832,3 +838,76 @@ def test_benchmark_goal_table_judges_each_goal_by_its_worst_case():
                                                              f"open ({3 * len(SHAPES)} cases not measured) |")
     assert rows["2 bpw, batch 16"].endswith("| 0 of 3 | not measured |")
     assert "| 4096x14336, 2 bpw | 2.00x | 0 of 1 | missed |" in rows["full GLQ linear, 2 bpw, batch 1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8], ids=str)
+def test_tile_codes_is_a_permutation_with_its_inverse(dtype):
+    """tile_codes moves (row, group) to [row tile][slice][g][t][h][i] (row = 16 tile + 8 h + g, group = 16 slice +
+    4 t + i) and untile_codes undoes it; shapes without a tiled layout are refused with the rule."""
+    from glq.kernels import can_tile, tile_codes, untile_codes
+
+    m, groups = 48, 80
+    codes = torch.arange(m * groups).remainder(251).to(dtype).reshape(m, groups)
+    ids = torch.arange(m * groups).reshape(m, groups)  # where each element came from
+    tiled, tiled_ids = tile_codes([codes])[0], tile_codes([ids])[0].reshape(-1)
+    assert tiled.shape == codes.shape and tiled.dtype == dtype and tiled.is_contiguous()
+    for pos in (0, 5, 37, 255, 256, 1000, m * groups - 1):
+        i, h, t, g, unit = pos % 4, pos // 4 % 2, pos // 8 % 4, pos // 32 % 8, pos // 256
+        row, group = 16 * (unit // (groups // 16)) + 8 * h + g, 16 * (unit % (groups // 16)) + 4 * t + i
+        assert int(tiled_ids[pos]) == row * groups + group, pos
+    assert torch.equal(untile_codes(tile_codes([codes]))[0], codes)
+    assert not torch.equal(tiled, codes)
+    assert can_tile(48, 640) and not can_tile(40, 640) and not can_tile(48, 576)
+    for bad in (codes[:40], codes[:, :72], codes[0]):
+        with pytest.raises(ValueError, match=r"out_features % 16 == 0 and in_features % 128 == 0|must be 2-D"):
+            tile_codes([bad])
+
+
+@pytest.mark.parametrize("rate", [2, 3, 8], ids=lambda r: f"r{r}")
+def test_tiled_codes_on_the_cpu_reference(rate):
+    """The public API with tiled=True on the CPU (the reference decodes row-major codes: it untiles first) gives
+    the row-major results bit for bit; a layer with no tiled layout is refused before any kernel runs."""
+    from glq.kernels import tile_codes
+
+    codes, tables, row_scale = random_layer(rate, 32, 256, seed=rate)
+    tcodes = tile_codes(codes)
+    x = torch.randn(3, 256)
+    assert torch.equal(matmul(x, tcodes, tables, row_scale, tiled=True), matmul(x, codes, tables, row_scale))
+    assert torch.equal(dequantize(tcodes, tables, row_scale, tiled=True), dequantize(codes, tables, row_scale))
+    assert torch.equal(glq_linear(x, tcodes, tables, row_scale, tiled=True), glq_linear(x, codes, tables, row_scale))
+    assert torch.equal(glq_linear_reference(x, tcodes, tables, row_scale, tiled=True),
+                       glq_linear_reference(x, codes, tables, row_scale))
+    codes, tables, row_scale = random_layer(rate, 24, 256, seed=rate)
+    with pytest.raises(ValueError, match=r"tiled=True, but a layer of shape \(24, 256\)"):
+        matmul(torch.randn(1, 256), codes, tables, row_scale, tiled=True)
+
+
+def test_ops_hand_the_tiled_layout_to_every_cuda_path(monkeypatch):
+    """With the CUDA backend, tiled codes reach every kernel call as variant | TILED (batches 1-8, 9-64 and the
+    dense decode of larger ones): the stand-in extension reads them by that flag, so a dropped flag would give
+    wrong numbers, not just a wrong record."""
+    from glq.kernels import ops, tile_codes
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(ops, "select_backend", lambda device: "cuda")
+    monkeypatch.setattr(ops, "_cuda_matmul", fake.matmul)
+    monkeypatch.setattr(ops, "_cuda_dequantize", fake.dequantize)
+    for env in ("GLQ_KERNELS_GEMV", "GLQ_KERNELS_ROWTILE", "GLQ_KERNELS_BATCHED", "GLQ_KERNELS_DEQUANT"):
+        monkeypatch.delenv(env, raising=False)
+    for rate in (2, 5):
+        codes, tables, row_scale = random_layer(rate, 32, 256, seed=rate)
+        tcodes, bits = tile_codes(codes), list(tables.bits)
+        for b in (1, 5, 16, 70):
+            x = torch.randn(b, 256).half()
+            table = tables.table(torch.float32 if b > ops.DENSE_BATCH_THRESHOLD else torch.float16, "cpu")
+            fake.calls.clear()
+            want = ops.matmul_op(x, codes, table, row_scale, bits, tables.gain)
+            plain = list(fake.calls)
+            fake.calls.clear()
+            got = ops.matmul_op(x, tcodes, table, row_scale, bits, tables.gain, True)
+            assert torch.equal(got, want), (rate, b)
+            if b > ops.DENSE_BATCH_THRESHOLD:
+                assert plain == [("dense", torch.float32, torch.float16, False)]
+                assert fake.calls == [("dense", torch.float32, torch.float16, True)]
+            else:
+                assert [c[2] for c in fake.calls] == [c[2] | ops.TILED for c in plain], (rate, b, plain, fake.calls)

@@ -397,6 +397,12 @@ cases = {  # torch's own check first: if that crashes too, the machine rather th
     "dequantize-float32": lambda: torch.ops.glq_cuda.dequantize(codes, table.half(), row_scale, 3, tables.gain,
                                                                 torch.float16),
     "dequantize-dtype": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3, tables.gain, torch.int32),
+    # 16 x 64: in_features 64 has no tiled layout (glq.kernels.layout)
+    "matmul-tiled codes need": lambda: torch.ops.glq_cuda.matmul(torch.randn(1, 64, device="cuda").half(), codes,
+                                                                 tables.table(torch.float16, "cuda"), row_scale, 3,
+                                                                 tables.gain, 0, 0, 32),
+    "tiled dequantize-tiled codes need": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3,
+                                                                               tables.gain, torch.float16, True),
 }
 for name, call in cases.items():
     print("case", name, flush=True)
@@ -411,7 +417,8 @@ for name, call in cases.items():
 
 def test_binding_errors_raise(cuda_ext):
     """Bad arguments that only the C++ binding checks raise RuntimeError naming the problem (rate,
-    block cover, table dtype, output dtype) rather than crashing the process."""
+    block cover, table dtype, output dtype, a tiled layout the shape cannot have) rather than crashing the
+    process."""
     import os
     import subprocess
     import sys
@@ -429,7 +436,7 @@ def test_binding_errors_raise(cuda_ext):
         pytest.fail("\n\n".join(report), pytrace=False)
     lines = out.splitlines()
     names = ("torch-cannot be multiplied", "plan-matmul_plan", "hadamard-blocks cover", "dequantize-rate",
-             "dequantize-float32", "dequantize-dtype")
+             "dequantize-float32", "dequantize-dtype", "matmul-tiled codes need", "tiled dequantize-tiled codes need")
     for name in names:
         raised = [ln for ln in lines if ln.startswith(f"raised {name} |")]
         assert raised, (name, out, err)
@@ -592,3 +599,57 @@ def test_cluster_split_is_the_workspace_split_bit_for_bit(cuda_ext, monkeypatch)
                         assert y.isfinite().all() and torch.equal(y, want), (out_f, in_f, variant, rate, b, ks, plan)
     if cc[0] >= 9:
         assert clustered == {1, 2, 3, 4}, clustered
+
+
+# Layers with a tiled code layout (out % 16 == 0, in % 128 == 0): in = 640 leaves the MMA kernel's last chunk half
+# past the end (G % 32 == 16), 16 x 128 is one tile.
+TILED_SHAPES = [(16, 128), (48, 1536), (576, 1536), (1536, 640), (4096, 4096), (4096, 14336)]
+
+
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
+def test_tiled_codes_give_the_row_major_bits(cuda_ext, rate):
+    """Every matmul kernel (MMA 1, v4 2, the row-tile kernel 4, v5 3; auto 0), unsplit and forced to 3 splits, and
+    the dense decode read tiled codes (glq.kernels.layout, variant | 32) to exactly the bits they give on
+    row-major codes: the same plan, sums in the same order, only the addresses differ."""
+    from glq.kernels.layout import tile_codes
+
+    for out_f, in_f in TILED_SHAPES:
+        codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=3, device="cuda")
+        tcodes = tile_codes(codes)
+        assert not all(torch.equal(a, b) for a, b in zip(codes, tcodes, strict=True))
+        for b in (1, 7, 16, 64):
+            dtype = DTYPES[b % 2]
+            x = torch.randn(b, in_f, device="cuda").to(dtype)
+            table = tables.table(dtype, x.device)
+            variants = [0, 1] + ([2, 4 | 16] if b <= 8 else [3 | 16] if rate <= 4 else [])
+            for v in variants:
+                for ks in (0, 3):
+                    want = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, v)
+                    got = torch.ops.glq_cuda.matmul(x, tcodes, table, row_scale, rate, tables.gain, 0, ks, v | 32)
+                    assert torch.equal(got, want), (out_f, in_f, b, v, ks)
+        t32 = tables.table(torch.float32, "cuda")
+        for dt in (torch.bfloat16, torch.float32):
+            want = torch.ops.glq_cuda.dequantize(codes, t32, row_scale, rate, tables.gain, dt)
+            got = torch.ops.glq_cuda.dequantize(tcodes, t32, row_scale, rate, tables.gain, dt, True)
+            assert torch.equal(got, want), (out_f, in_f, dt)
+
+
+def test_public_api_on_tiled_codes(cuda_ext):
+    """glq.kernels.matmul / glq_linear / dequantize with tiled=True give the row-major results bit for bit at a
+    decode batch, a batched one and a prefill (the dense path); an untileable shape fails with the rule
+    (the binding's own check: test_binding_errors_raise)."""
+    from glq.kernels import matmul
+    from glq.kernels.layout import tile_codes
+
+    codes, tables, row_scale = random_layer(3, 576, 1536, seed=5, device="cuda")
+    tcodes = tile_codes(codes)
+    for b in (1, 16, 100):
+        x = torch.randn(b, 1536, device="cuda").to(torch.float16)
+        assert torch.equal(matmul(x, tcodes, tables, row_scale, tiled=True), matmul(x, codes, tables, row_scale))
+        assert torch.equal(glq_linear(x, tcodes, tables, row_scale, tiled=True),
+                           glq_linear(x, codes, tables, row_scale))
+    assert torch.equal(dequantize(tcodes, tables, row_scale, tiled=True), dequantize(codes, tables, row_scale))
+    codes, tables, row_scale = random_layer(2, 24, 1536, seed=5, device="cuda")
+    x = torch.randn(1, 1536, device="cuda").half()
+    with pytest.raises(ValueError, match="out_features % 16 == 0 and in_features % 128 == 0"):
+        matmul(x, codes, tables, row_scale, tiled=True)

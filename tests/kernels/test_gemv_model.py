@@ -376,3 +376,26 @@ def test_x_staging_swizzle_is_a_permutation_and_conflict_free():
                 assert len({_x_unit(8 * nt + l // 4, 4 * (l % 4) + i) % 8 for l in lanes}) == 8, (nt, i, q)
     for u0 in range(0, 128 * 8, 8):  # staging stores: unit u -> (row u / 16, group u % 16), 8 per phase
         assert len({_x_unit(u // 16, u % 16) % 8 for u in range(u0, u0 + 8)}) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+def test_tiled_codes_put_each_lanes_codes_in_one_unit(dtype):
+    """tile_codes and the tiled kernel's load (load_slice_tiled): the 8 values at unit (tile * slices + sl) * 32 +
+    lane are lane (g, t)'s codes of rows 16 tile + g and 16 tile + 8 + g, groups 16 sl + 4 t .. + 3, in the
+    order the untiled loads fill SliceCodes (row g's four groups, then row g + 8's)."""
+    from glq.kernels.layout import tile_codes
+
+    m, groups = 48, 64
+    codes = torch.randint(0, 200, (m, groups)).to(dtype)
+    flat = tile_codes([codes])[0].reshape(-1)
+    slices = groups // 16
+    for tile in range(m // 16):
+        for sl in range(slices):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                unit = (tile * slices + sl) * 32 + lane
+                cols = slice(16 * sl + 4 * t, 16 * sl + 4 * t + 4)
+                want = torch.cat([codes[16 * tile + g, cols], codes[16 * tile + 8 + g, cols]])
+                assert torch.equal(flat[unit * 8 : unit * 8 + 8], want), (tile, sl, lane)
+    with pytest.raises(ValueError, match="out_features % 16"):
+        tile_codes([codes[:40]])

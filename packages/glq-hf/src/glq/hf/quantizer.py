@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from glq.hf import checks, guard
 from glq.hf.config import FORMAT_VERSION, GLQFormat
-from glq.hf.linear import GLQLinear, link_shared_inputs, unfuse_siblings
+from glq.hf.linear import GLQLinear, link_shared_inputs, set_code_layout, unfuse_siblings
 from glq.hf.tables import TABLES_ATTR, GLQTables
 
 QUANT_METHOD = "glq"
@@ -120,8 +120,9 @@ class GLQHfQuantizer(HfQuantizer):
 
 def attach_tables(model, fmt: GLQFormat, where: str = "model") -> None:
     """Check the loaded tables and small tensors, then give every GLQLinear its rate's shared
-    packed tables, then link and fuse (unless ``GLQ_HF_FUSE=0``) sibling layers
-    (:func:`glq.hf.linear.link_shared_inputs`). Raises :class:`glq.hf.checks.GLQLoadError` listing the problems."""
+    packed tables, hold the codes tiled where the CUDA C kernels run (:func:`glq.hf.linear.set_code_layout`),
+    then link and fuse (unless ``GLQ_HF_FUSE=0``) sibling layers (:func:`glq.hf.linear.link_shared_inputs`).
+    Raises :class:`glq.hf.checks.GLQLoadError` listing the problems."""
     tables: GLQTables = getattr(model, TABLES_ATTR)
     unfuse_siblings(model)  # attach() needs each layer's own tensors; link_shared_inputs fuses again
     problems = tables.check()
@@ -140,6 +141,7 @@ def attach_tables(model, fmt: GLQFormat, where: str = "model") -> None:
     tables._packed.clear()
     for name in fmt.layers:
         layers[name].attach(tables.packed(fmt.layers[name].bpw))
+    set_code_layout(model)
     link_shared_inputs(model)
 
 

@@ -12,6 +12,8 @@ Public API::
     w = dequantize(codes, tables, row_scale)    # dense (out, in) float32
     z = hadamard(x, block_sizes=(512, 64), signs=None)
     y = glq_linear(x, codes, tables, row_scale, in_signs, out_signs)
+    tcodes = tile_codes(codes)                  # the layout the CUDA kernels read fastest
+    y = matmul(x, tcodes, tables, row_scale, tiled=True)  # same bits as on row-major codes
 
 Op families live in ``qmatmul/`` and ``fwht/`` (reference and Triton backends) and ``csrc/``
 (CUDA C); the folders are not named ``matmul``/``hadamard`` because importing a subpackage would
@@ -36,6 +38,9 @@ _LAZY = {
     "glq_linear_reference": "api",
     "glq_linear_rotated": "api",
     "default_blocks": "api",
+    "can_tile": "layout",
+    "tile_codes": "layout",
+    "untile_codes": "layout",
     "pack_tables": "_tables",
     "PackedTables": "_tables",
     "RATE_STAGES": "_tables",

@@ -8,7 +8,8 @@ that the working set exceeds twice the L2 (no call finds its weights cached), re
 warm-up, and reports the median per-call time over many replays. bf16 cuBLAS ``F.linear`` on the
 same shapes runs in the same process as the baseline. Achieved bandwidth counts the bytes a call
 must move (codes, activations in and out, row scales) over its time. The first table judges the
-speed goals (SPEED_GOALS, LINEAR_GOAL) by each goal's worst measured case.
+speed goals (SPEED_GOALS, LINEAR_GOAL) by each goal's worst measured case. Layers whose shape has a
+tiled code layout are timed on it (make_sets), as glq.hf holds them on the CUDA C backend.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from glq.kernels import dequantize, glq_linear, matmul
+from glq.kernels.layout import can_tile, tile_codes
 from glq.kernels.testing import exact_matmul, lowp_reference_error, random_layer, rel_error
 
 SHAPES = [  # (out, in)
@@ -131,18 +133,30 @@ def glq_bytes(rate: int, out_f: int, in_f: int, batch: int) -> int:
     return out_f * in_f * rate // 8 + batch * (in_f + out_f) * 2 + out_f * 4
 
 
-def make_sets(rate, out_f, in_f, batch):
+def make_sets(rate, out_f, in_f, batch, tiled: bool = False):
+    """Enough random layers of one shape that L2 cannot hold them (see n_sets_for), sharing one set of tables.
+    tiled: their codes in the tiled layout where the shape has one (glq.kernels.layout; what glq.hf holds on
+    the CUDA C backend, so what the benchmark times; the probes in scripts/ keep row-major codes)."""
     n = n_sets_for(out_f * in_f * rate // 8)
     layers = [random_layer(rate, out_f, in_f, seed=s, device="cuda") for s in range(n)]
+    if tiled and can_tile(out_f, in_f):
+        layers = [(tile_codes(codes), t, r) for codes, t, r in layers]
     tables = layers[0][1]  # shared tables: kernels read them from shared memory anyway
     return n, layers, tables
+
+
+def layout_bit(out_f: int, in_f: int) -> int:
+    """The variant bit (ops.TILED) for the benchmark's layers of this shape: make_sets(..., tiled=True) tiles
+    every shape that has the layout."""
+    return 32 if can_tile(out_f, in_f) else 0
 
 
 def dense_matmul(x, layer, tables):
     """The large-batch path forced: dense decode (float32 tables) then cuBLAS."""
     codes, _, row_scale = layer
     tab = tables.table(torch.float32, x.device)
-    w = torch.ops.glq_cuda.dequantize(codes, tab, row_scale, tables.rate, tables.gain, x.dtype)
+    tiled = bool(layout_bit(codes[0].shape[0], x.shape[1]))
+    w = torch.ops.glq_cuda.dequantize(codes, tab, row_scale, tables.rate, tables.gain, x.dtype, tiled)
     return F.linear(x, w)
 
 
@@ -150,8 +164,9 @@ def fused_matmul(x, layer, tables):
     """The fused MMA kernel (v3) forced at any batch, in chunks of 64 rows (the pre-dense path)."""
     codes, _, row_scale = layer
     tab = tables.table(x.dtype, x.device)
+    v = 1 | layout_bit(codes[0].shape[0], x.shape[1])
     parts = [
-        torch.ops.glq_cuda.matmul(xb, codes, tab, row_scale, tables.rate, tables.gain, 0, 0, 1) for xb in x.split(64)
+        torch.ops.glq_cuda.matmul(xb, codes, tab, row_scale, tables.rate, tables.gain, 0, 0, v) for xb in x.split(64)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -172,19 +187,20 @@ def prefill_rows(smoke: bool) -> list[str]:
     for batch in (64, 256, 2048) if smoke else (16, 64, 128, 256, 512, 2048):
         tb = bench_bf16(out_f, in_f, batch)
         for rate in (2, 4):
-            n, layers, tables = make_sets(rate, out_f, in_f, batch)
+            n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=True)
+            tiled = bool(layout_bit(out_f, in_f))
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
             c0, _, r0 = layers[0]
-            w = dequantize(c0, tables, r0)
+            w = dequantize(c0, tables, r0, tiled=tiled)
             exact = exact_matmul(x, w)
-            err = rel_error(matmul(x, c0, tables, r0), exact) / lowp_reference_error(x, w, exact)
+            err = rel_error(matmul(x, c0, tables, r0, tiled=tiled), exact) / lowp_reference_error(x, w, exact)
             w = exact = None
             tab32 = tables.table(torch.float32, x.device)
-            t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+            t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2], tiled=tiled), n)
             td = time_graph(lambda i: dense_matmul(x, layers[i], tables), n)
             tq = time_graph(
                 lambda i: torch.ops.glq_cuda.dequantize(
-                    layers[i][0], tab32, layers[i][2], rate, tables.gain, torch.bfloat16
+                    layers[i][0], tab32, layers[i][2], rate, tables.gain, torch.bfloat16, tiled
                 ),
                 n,
             )
@@ -208,14 +224,15 @@ def split_rows(variant: int, shapes, rates, splits, replays: int = 20, batch: in
     print("\n".join(rows), flush=True)
     for out_f, in_f in shapes:
         for rate in rates:
-            n, layers, tables = make_sets(rate, out_f, in_f, batch)
+            n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=True)
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
             tab = tables.table(x.dtype, x.device)
+            v = variant | layout_bit(out_f, in_f)
             for ks in splits:
                 try:
                     t = time_graph(
                         lambda i, ks=ks: torch.ops.glq_cuda.matmul(
-                            x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, ks, variant
+                            x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, ks, v
                         ),
                         n,
                         replays=replays,
@@ -275,20 +292,21 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
         if key not in bf16_cache:
             bf16_cache[key] = bench_bf16(out_f, in_f, batch)
         tb = bf16_cache[key]
-        n, layers, tables = make_sets(rate, out_f, in_f, batch)
+        n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=True)
+        lb = layout_bit(out_f, in_f)
         x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
         c0, _, r0 = layers[0]
-        w = dequantize(c0, tables, r0)
+        w = dequantize(c0, tables, r0, tiled=bool(lb))
         exact = exact_matmul(x, w)
-        err = rel_error(matmul(x, c0, tables, r0), exact) / lowp_reference_error(x, w, exact)
-        t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+        err = rel_error(matmul(x, c0, tables, r0, tiled=bool(lb)), exact) / lowp_reference_error(x, w, exact)
+        t = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2], tiled=bool(lb)), n)
         # old vs new side by side: the MMA kernel (v3) forced, for batches the new kernel takes
         v3 = "| - | - |"
         if batch <= 8:
             tab = tables.table(x.dtype, x.device)
 
             def mma(i):
-                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 1)
+                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 1 | lb)
 
             e3 = rel_error(mma(0), exact) / lowp_reference_error(x, w, exact)
             v3 = f"| {time_graph(mma, n) * 1e6:.1f} | {e3:.2f} |"
@@ -303,7 +321,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
             tab = tables.table(x.dtype, x.device)
 
             def batched(i):
-                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 3)
+                return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, 3 | lb)
 
             try:
                 e5 = rel_error(batched(0), exact) / lowp_reference_error(x, w, exact)
@@ -336,13 +354,14 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
     for out_f, in_f in [*SHAPES[1:3], (576, 1536), (1536, 576)]:
         lin_cases += [(out_f, in_f, 1, 2), (out_f, in_f, 1, 4)]
     for out_f, in_f, batch, rate in lin_cases:
-        n, layers, tables = make_sets(rate, out_f, in_f, batch)
+        n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=True)
+        tiled = bool(layout_bit(out_f, in_f))
         x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
         s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
         s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
 
         def full(i):
-            return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out)
+            return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out, tiled=tiled)
 
         tl_ = time_graph(full, n)
         os.environ["GLQ_KERNELS_PDL"] = "0"
@@ -350,7 +369,7 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
             tu = time_graph(full, n)
         finally:
             del os.environ["GLQ_KERNELS_PDL"]
-        tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2]), n)
+        tm = time_graph(lambda i: matmul(x, layers[i][0], tables, layers[i][2], tiled=tiled), n)
         tb = bf16_cache.get((out_f, in_f, batch)) or bench_bf16(out_f, in_f, batch)
         linear_speedups[(out_f, in_f, batch, rate)] = tb / tl_
         lin.append(
@@ -394,14 +413,17 @@ def run(quick: bool, smoke: bool = False, linear_only: bool = False) -> list[str
            "|---|---|---|---|---|---|---|"]
     for out_f, in_f in [*SHAPES[:3], *small]:
         for rate in (2, 3, 4):
-            n, layers, tables = make_sets(rate, out_f, in_f, 1)
-            w = dequantize(layers[0][0], tables, layers[0][2])
+            n, layers, tables = make_sets(rate, out_f, in_f, 1, tiled=True)
+            lb = layout_bit(out_f, in_f)
+            w = dequantize(layers[0][0], tables, layers[0][2], tiled=bool(lb))
             for batch in (1, 4):
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
                 tab = tables.table(x.dtype, x.device)
 
                 def call(i, v):
-                    return torch.ops.glq_cuda.matmul(x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, v)
+                    return torch.ops.glq_cuda.matmul(
+                        x, layers[i][0], tab, layers[i][2], rate, tables.gain, 0, 0, v | lb
+                    )
 
                 try:
                     exact = exact_matmul(x, w)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._backend import _warn_once, select_backend
 from .fwht.reference import hadamard_butterfly
+from .layout import untile_codes
 from .qmatmul.reference import dequantize_reference, matmul_reference
 
 # The CUDA kernel's n-tiles cover at most 64 batch rows per launch.
@@ -68,6 +69,8 @@ ROW_TILE_MAX_IN = 1024
 # extension's own choice for the batch, decided in C++ without raising (exceptions thrown by an
 # extension crash the process on some machines; notes/kernels.md).
 PREFER = 16
+# Added to a kernel variant: the codes are in the tiled layout (glq.kernels.layout); every CUDA kernel reads it.
+TILED = 32
 ROW_TILE_VARIANT = 4 | PREFER  # what small_batch_variant returns for the row-tile variant
 _gemv_failed: list[str] = []  # set once the small-batch kernel raised; later calls skip it
 _batched_failed: list[str] = []  # likewise for the batched kernel
@@ -117,12 +120,23 @@ def _cuda_matmul(x: Tensor, codes, tables, row_scale, rate: int, gain: float, va
     return torch.ops.glq_cuda.matmul(x, codes, tables, row_scale, rate, gain, 0, 0, variant)
 
 
-def _cuda_dequantize(codes, tables, row_scale, rate: int, gain: float, dtype: torch.dtype) -> Tensor:
-    return torch.ops.glq_cuda.dequantize(codes, tables, row_scale, rate, gain, dtype)
+def _cuda_dequantize(codes, tables, row_scale, rate: int, gain: float, dtype: torch.dtype, tiled: bool) -> Tensor:
+    return torch.ops.glq_cuda.dequantize(codes, tables, row_scale, rate, gain, dtype, tiled)
+
+
+def _row_major(codes: list[Tensor], tiled: bool, backend: str) -> list[Tensor]:
+    """Row-major codes for the paths that only read that layout (the references, Triton): tiled codes are permuted
+    back on every call. glq.hf tiles a layer's codes only for the CUDA backend, so this is for direct calls."""
+    if not tiled:
+        return codes
+    if backend == "triton":
+        _warn_once("tiled-triton", "glq.kernels: the Triton kernels read row-major codes; untiling on every call")
+    return untile_codes(codes)
 
 
 def _dequantize_impl(
-    backend: str, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype
+    backend: str, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype,
+    tiled: bool = False,
 ) -> Tensor:
     """Dense W̃ (out, in) in ``dtype``: the float32 reference decode rounded once to ``dtype``."""
     if backend == "cuda" and os.environ.get(DEQUANT_ENV, "") != "0":
@@ -130,34 +144,36 @@ def _dequantize_impl(
         # call at a large batch) are widened exactly, and then carry that one extra rounding.
         if tables.dtype != torch.float32:
             tables = tables.to(torch.float32)
-        return _cuda_dequantize(codes, tables.contiguous(), row_scale, _rate(bits), gain, dtype)
+        return _cuda_dequantize(codes, tables.contiguous(), row_scale, _rate(bits), gain, dtype, tiled)
     # Torch ops elsewhere (the Triton backend has no dequantize kernel; GLQ_KERNELS_DEQUANT=0 on
     # CUDA): the same float32 numbers, in ~20 passes where the kernel takes one (100x slower).
-    return dequantize_reference(codes, tables, row_scale, bits, gain).to(dtype)
+    return dequantize_reference(_row_major(codes, tiled, "reference"), tables, row_scale, bits, gain).to(dtype)
 
 
 @torch.library.custom_op("glq::dequantize", mutates_args=())
 def dequantize_op(
-    codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype: torch.dtype
+    codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float, dtype: torch.dtype,
+    tiled: bool = False,
 ) -> Tensor:
     """W̃ (out, in) in ``dtype`` = dequantize_reference(...) rounded once to ``dtype`` (tables
-    (S, 512, 8) float32 for that guarantee)."""
-    return _dequantize_impl(select_backend(codes[0].device), codes, tables, row_scale, bits, gain, dtype)
+    (S, 512, 8) float32 for that guarantee). tiled: the codes are in glq.kernels.layout's tiled layout."""
+    return _dequantize_impl(select_backend(codes[0].device), codes, tables, row_scale, bits, gain, dtype, tiled)
 
 
 @dequantize_op.register_fake
-def _dequantize_fake(codes, tables, row_scale, bits, gain, dtype):
+def _dequantize_fake(codes, tables, row_scale, bits, gain, dtype, tiled=False):
     return codes[0].new_empty(codes[0].shape[0], codes[0].shape[1] * 8, dtype=dtype)
 
 
 @torch.library.custom_op("glq::matmul", mutates_args=())
 def matmul_op(
-    x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float
+    x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float,
+    tiled: bool = False,
 ) -> Tensor:
     """y (B, out) = x (B, in) · W̃ᵀ. tables: (S, 512, 8) packed, in x's dtype for the fused kernels,
     float32 for the dense path (B > DENSE_BATCH_THRESHOLD; other dtypes work there too, with one
-    more rounding)."""
-    return _matmul_impl(x, codes, tables, row_scale, bits, gain)
+    more rounding). tiled: the codes are in glq.kernels.layout's tiled layout."""
+    return _matmul_impl(x, codes, tables, row_scale, bits, gain, tiled=tiled)
 
 
 # The ops' bodies as plain functions: linear_op calls them directly. A custom-op call costs ~15-20 us
@@ -166,21 +182,23 @@ def matmul_op(
 # CPU with the CUDA kernels stubbed out), in eager decoding 224 times per token on an 8B model.
 def _matmul_impl(
     x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float,
-    backend: str | None = None,
+    backend: str | None = None, tiled: bool = False,
 ) -> Tensor:
     backend = backend or select_backend(x.device)  # glq::linear passes the one it selected
     if backend == "reference":
-        return matmul_reference(x, codes, tables, row_scale, bits, gain)
+        return matmul_reference(x, _row_major(codes, tiled, backend), tables, row_scale, bits, gain)
     if uses_dense_path(x.shape[0], backend):
         # prefill: decode once, cuBLAS for the product; the transient W̃ is freed on return
-        w = _dequantize_impl(backend, codes, tables, row_scale, bits, gain, x.dtype)
+        w = _dequantize_impl(backend, codes, tables, row_scale, bits, gain, x.dtype, tiled)
         return F.linear(x, w)
     if tables.dtype != x.dtype:
         tables = tables.to(x.dtype)
     x = x.contiguous()
     if backend == "cuda":
-        fn = _cuda_matmul
         rate = _rate(bits)
+        fn = _cuda_matmul
+        layout = TILED if tiled else 0  # added to every variant below
+
         # Batches of 1-8: the kernel small_batch_variant picks; GLQ_KERNELS_GEMV=0 forces the MMA
         # kernel (v3) for them. The switches are read only where they apply (each read is ~1.5 us of
         # host time, and eager decoding makes hundreds of these calls per token).
@@ -192,20 +210,22 @@ def _matmul_impl(
                     if variant == ROW_TILE_VARIANT and os.environ.get(ROW_TILE_ENV, "") == "0":
                         variant = 0
                     try:
-                        return fn(xb, codes, tables, row_scale, rate, gain, variant)
+                        return fn(xb, codes, tables, row_scale, rate, gain, variant | layout)
                     except RuntimeError as e:  # a launch failure of the new kernel: fall back
                         _gemv_failed.append(str(e))
                         _warn_once("gemv", f"glq.kernels: small-batch CUDA kernel failed ({e}); using the MMA kernel")
             elif rate in BATCHED_RATES and not _batched_failed and os.environ.get(BATCHED_ENV, "") != "0":
                 try:
-                    return fn(xb, codes, tables, row_scale, rate, gain, 3 | PREFER)
+                    return fn(xb, codes, tables, row_scale, rate, gain, 3 | PREFER | layout)
                 except RuntimeError as e:
                     _batched_failed.append(str(e))
                     _warn_once("batched", f"glq.kernels: batched CUDA kernel failed ({e}); using the MMA kernel")
-            return fn(xb, codes, tables, row_scale, rate, gain, 1)
+            return fn(xb, codes, tables, row_scale, rate, gain, 1 | layout)
 
     else:
         from .qmatmul.triton import matmul_triton
+
+        codes = _row_major(codes, tiled, backend)
 
         def run(xb: Tensor) -> Tensor:
             return matmul_triton(xb, codes, tables, row_scale, bits, gain)
@@ -216,7 +236,7 @@ def _matmul_impl(
 
 
 @matmul_op.register_fake
-def _matmul_fake(x, codes, tables, row_scale, bits, gain):
+def _matmul_fake(x, codes, tables, row_scale, bits, gain, tiled=False):
     return x.new_empty(x.shape[0], codes[0].shape[0])
 
 
@@ -254,33 +274,37 @@ def linear_op(
     in_signs: Tensor | None,
     out_blocks: list[int],
     out_signs: Tensor | None,
+    tiled: bool = False,
 ) -> Tensor:
     """y = out_signs ⊙ H_out(W̃ · H_in(in_signs ⊙ x)); x (B, in) -> (B, out). Empty ``in_blocks``:
     x is already H_in(in_signs ⊙ x) (an input transformed once for several layers) and goes
-    straight to the matmul. One custom-op call for the three steps (see _matmul_impl)."""
-    return _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs)
+    straight to the matmul. One custom-op call for the three steps (see _matmul_impl). tiled: the codes are in
+    glq.kernels.layout's tiled layout."""
+    return _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs, tiled)
 
 
-def _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs) -> Tensor:
+def _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs,
+                 tiled=False) -> Tensor:
     # one backend choice for the three steps (select_backend costs ~3.5 us of host time a call)
     backend = select_backend(x.device)
     u = _hadamard_impl(x, in_blocks, in_signs, None, backend) if in_blocks else x
-    v = _matmul_impl(u, codes, tables, row_scale, bits, gain, backend)
+    v = _matmul_impl(u, codes, tables, row_scale, bits, gain, backend, tiled)
     return _hadamard_impl(v, out_blocks, None, out_signs, backend)
 
 
 def linear(x: Tensor, codes: list[Tensor], tables: Tensor, row_scale: Tensor, bits: list[int], gain: float,
-           in_blocks: list[int], in_signs: Tensor | None, out_blocks: list[int], out_signs: Tensor | None) -> Tensor:
+           in_blocks: list[int], in_signs: Tensor | None, out_blocks: list[int], out_signs: Tensor | None,
+           tiled: bool = False) -> Tensor:
     """``linear_op`` where it matters (torch.compile traces the op, with its fake implementation), its
     body called directly otherwise: in eager mode the custom-op machinery (dispatcher, autograd
     redispatch, dynamo-disable wrapper) was ~60% of a GLQ linear's host time, paid 7 times per block
     and token. The glq_cuda kernels it calls are plain dispatcher ops either way, so CUDA graphs
     capture the direct call the same."""
     if torch.compiler.is_compiling():
-        return linear_op(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs)
-    return _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs)
+        return linear_op(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs, tiled)
+    return _linear_impl(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs, tiled)
 
 
 @linear_op.register_fake
-def _linear_fake(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs):
+def _linear_fake(x, codes, tables, row_scale, bits, gain, in_blocks, in_signs, out_blocks, out_signs, tiled=False):
     return x.new_empty(x.shape[0], codes[0].shape[0])

@@ -106,3 +106,4 @@ def kernel_numerics_model(x: torch.Tensor, codes, tables: PackedTables, row_scal
     w = acc.reshape(acc.shape[0], -1).float()
     y = F.linear(x.float(), w) * (row_scale.float() * tables.gain)[None]
     return y.to(dt)
+

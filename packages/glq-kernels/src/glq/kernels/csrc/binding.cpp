@@ -72,6 +72,9 @@ at::Tensor matmul(const at::Tensor& x, at::TensorList codes, const at::Tensor& t
     TORCH_CHECK(codes[s].scalar_type() == (last8 ? at::kByte : at::kShort),
                 "glq_cuda.matmul: codes[", s, "] has the wrong dtype");
   }
+  TORCH_CHECK(!(variant & glq::kTiledCodes) || (M % 16 == 0 && K % 128 == 0),
+              "glq_cuda.matmul: tiled codes need out_features % 16 == 0 and in_features % 128 == 0, not (", M, ", ",
+              K, ")");
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({B, M}, x.options());
   if (B == 0 || M == 0) return y;
@@ -161,7 +164,7 @@ at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,
 // Dense W (M, K) in `dtype` (float16, bfloat16 or float32) decoded from float32 packed tables:
 // dequantize_reference(...) rounded once to dtype (see glq_dequantize_kernel).
 at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::Tensor& row_scale,
-                      int64_t rate, double gain, at::ScalarType dtype) {
+                      int64_t rate, double gain, at::ScalarType dtype, bool tiled) {
   TORCH_CHECK(!codes.empty() && static_cast<int64_t>(codes.size()) <= glq::kMaxStages,
               "glq_cuda.dequantize: expected 1..", glq::kMaxStages, " code tensors");
   const int nst = static_cast<int>(codes.size());
@@ -187,6 +190,9 @@ at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::
   const int dt = dtype_code(dtype);
   TORCH_CHECK(dt >= 0, "glq_cuda.dequantize: expected dtype float16, bfloat16 or float32 rather than ", dtype);
   TORCH_CHECK(M * G < (int64_t{1} << 31), "glq_cuda.dequantize: more than 2^31 code groups");
+  TORCH_CHECK(!tiled || (M % 16 == 0 && G % 16 == 0),
+              "glq_cuda.dequantize: tiled codes need out_features % 16 == 0 and in_features % 128 == 0, not (", M,
+              ", ", G * 8, ")");
   c10::cuda::CUDAGuard guard(codes[0].device());
   auto out = at::empty({M, G * 8}, codes[0].options().dtype(dtype));
   if (M == 0 || G == 0) return out;
@@ -200,6 +206,7 @@ at::Tensor dequantize(at::TensorList codes, const at::Tensor& tables, const at::
   p.rate = static_cast<int>(rate);
   p.dtype = dt;
   p.gain = static_cast<float>(gain);  // torch rounds a Python-float factor to float32 the same way
+  p.tiled = tiled ? 1 : 0;
   check_cuda(glq::dequantize_run(p, codes[0].get_device(),
                                  c10::cuda::getCurrentCUDAStream(codes[0].get_device()).stream()),
              "dequantize launch");
@@ -222,13 +229,14 @@ TORCH_LIBRARY(glq_cuda, m) {
   // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel,
   // 3 register-tiled batched kernel (B <= 64, rates 2..4), 4 small-batch kernel with row-tile steps
   // (B <= 8, rates 2..4); auto never picks 3 or 4. Plus 16 (kKernelPrefer): that kernel if it can be
-  // planned, else auto's choice (ops.py asks for 3 and 4 that way).
+  // planned, else auto's choice (ops.py asks for 3 and 4 that way). Plus 32 (kTiledCodes): the codes are in the
+  // tiled layout (glq.kernels.layout.tile_codes); every kernel reads it.
   m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");
   m.def("hadamard(Tensor x, int[] seg_log2, Tensor? signs, Tensor? out_signs) -> Tensor");
   m.def("matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, int variant=0) -> int[]",
         &matmul_plan_info);
   // dense W (out, in) in dtype: the float32 reference decode rounded once (large-batch path)
-  m.def("dequantize(Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, ScalarType dtype) -> Tensor");
+  m.def("dequantize(Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, ScalarType dtype, bool tiled=False) -> Tensor");
 #ifdef GLQ_TRACE
   m.def("trace_set(Tensor buf, int slots) -> ()", &trace_set);
 #endif

@@ -43,6 +43,8 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkGroups = 32;  // 8-input groups per warp iteration
+// Groups per slice of the slice kernels (4 lanes t x 4 groups), and per tile column of the tiled code layout.
+constexpr int kSliceGroups = 16;
 
 // ---------------------------------------------------------------------------------------------
 // small device helpers
@@ -280,6 +282,35 @@ __device__ __noinline__ ChunkCodes<N16, HAS8, R> load_chunk_slow(const MatmulPar
   return cc;
 }
 
+
+// The MMA kernel on tiled codes (kTiledCodes): lane (g, t)'s rows g and g + 8 of a row tile, groups j0 .. j0 + 7
+// (j0 % 8 == 0), are 16 contiguous codes there: [t'][h][i] with t' = j0 % 16 / 4 (0 or 2) and t' + 1, so two
+// 16-byte loads per stage (one for the 8-bit stage) and a register shuffle replace the row-major chunk's loads.
+// Tiles past M and groups past G read as code 0, as load_chunk_slow's.
+template <int N16, bool HAS8, int R>
+__device__ __forceinline__ void load_chunk_tiled(ChunkCodes<N16, HAS8, R>& cc, const MatmulParams& p, int tile0,
+                                                 int j0, int G) {
+  const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+  for (int rt = 0; rt < R; ++rt) {
+    const bool ok = (tile0 + rt) * 16 < p.M && j0 < G;
+    const long long unit = ((static_cast<long long>(tile0 + rt) * (G / kSliceGroups) + j0 / kSliceGroups) * 8 + g) * 4 +
+                           j0 % kSliceGroups / 4;
+#pragma unroll
+    for (int s = 0; s < N16; ++s) {
+      const uint16_t* src = static_cast<const uint16_t*>(p.codes[s]) + unit * 8;
+      const uint4 a = ok ? load_stream16(src) : make_uint4(0, 0, 0, 0);
+      const uint4 b = ok ? load_stream16(src + 8) : make_uint4(0, 0, 0, 0);
+      cc.c16[s][rt][0] = make_uint4(a.x, a.y, b.x, b.y);
+      cc.c16[s][rt][1] = make_uint4(a.z, a.w, b.z, b.w);
+    }
+    if constexpr (HAS8) {
+      const uint4 v = ok ? load_stream16(static_cast<const uint8_t*>(p.codes[N16]) + unit * 8) : make_uint4(0, 0, 0, 0);
+      cc.c8[rt][0] = make_uint2(v.x, v.z);
+      cc.c8[rt][1] = make_uint2(v.y, v.w);
+    }
+  }
+}
 
 template <int N16, bool HAS8, int R>
 __device__ __forceinline__ void load_chunk(ChunkCodes<N16, HAS8, R>& cc, const MatmulParams& p,
@@ -550,7 +581,7 @@ __device__ __forceinline__ void store_item(const MatmulParams& p, T* __restrict_
   __syncthreads();  // red and s_last are reused by the next item
 }
 
-template <typename T, int N16, bool HAS8, int NT, int R, int PF>
+template <typename T, int N16, bool HAS8, int NT, int R, int PF, bool TILED = false>
 __global__ void __launch_bounds__(kThreads, 2)
     glq_matmul_kernel(const MatmulParams p, const int row_blocks, const int ksplit,
                       const int rep_log2, const bool cluster) {
@@ -598,10 +629,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.f;
 
     ChunkCodes<N16, HAS8, R> buf[PF + 1];
+    auto load = [&](ChunkCodes<N16, HAS8, R>& dst, int c) {
+      if constexpr (TILED)
+        load_chunk_tiled(dst, p, warp_row0 / 16, c * kChunkGroups + 8 * t, G);
+      else
+        load_chunk(dst, p, row0, c * kChunkGroups + 8 * t, G, vec);
+    };
 #pragma unroll
     for (int b = 0; b < PF; ++b) {
-      if (c_begin + b < c_end)
-        load_chunk(buf[b], p, row0, (c_begin + b) * kChunkGroups + 8 * t, G, vec);
+      if (c_begin + b < c_end) load(buf[b], c_begin + b);
     }
 
     if (!tables_ready) {
@@ -618,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     {
       for (int c = c_begin; c < c_end; ++c) {
         {
-          if (c + PF < c_end) load_chunk(buf[PF], p, row0, (c + PF) * kChunkGroups + 8 * t, G, vec);
+          if (c + PF < c_end) load(buf[PF], c + PF);
           const ChunkCodes<N16, HAS8, R>& cur = buf[0];
           const int j0 = c * kChunkGroups + 8 * t;
           // x fragments: lane (g, t) needs batch row nt*8+g, group j0+i. Loads are unconditional
@@ -741,7 +777,6 @@ constexpr int kGemvWarps = 16;
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int kGemvT = 4;              // row tiles (16 rows) per warp and work item
 constexpr int kGemvRows = 16 * kGemvT;  // rows per work item
-constexpr int kSliceGroups = 16;       // groups per slice: 4 lanes t x 4 groups
 constexpr int kGemvMaxB = 8;
 
 template <int N16, bool HAS8>
@@ -803,6 +838,28 @@ __device__ __forceinline__ void load_slice(SliceCodes<N16, HAS8>& cc, const Matm
 #pragma unroll
     for (int s = 0; s < N16; ++s) cc.c16[s][h] = load_stream8(static_cast<const uint16_t*>(p.codes[s]) + off);
     if constexpr (HAS8) cc.c8[h] = load_stream4(static_cast<const uint8_t*>(p.codes[N16]) + off);
+  }
+}
+
+// Tiled codes (kTiledCodes, glq.kernels.layout.tile_codes): each stage's codes permuted to [row tile][slice][lane]
+// [h][i], so the 16 rows x 16 groups of one (row tile, slice) are 512 contiguous bytes (256 for the 8-bit stage)
+// and lane (g, t) finds its 8 codes (rows g, g + 8 x groups 4t .. 4t + 3) in one aligned 16-byte unit: one
+// coalesced load per stage instead of two 8-byte loads on 16 different lines, no edge cases (M % 16 == 0 and
+// G % 16 == 0 are required).
+template <int N16, bool HAS8>
+__device__ __forceinline__ void load_slice_tiled(SliceCodes<N16, HAS8>& cc, const MatmulParams& p, int tile, int sl,
+                                                 int slices) {
+  const long long unit = (static_cast<long long>(tile) * slices + sl) * 32 + threadIdx.x % 32;
+#pragma unroll
+  for (int s = 0; s < N16; ++s) {
+    const uint4 v = load_stream16(static_cast<const uint16_t*>(p.codes[s]) + unit * 8);
+    cc.c16[s][0] = make_uint2(v.x, v.y);
+    cc.c16[s][1] = make_uint2(v.z, v.w);
+  }
+  if constexpr (HAS8) {
+    const uint2 v = load_stream8(static_cast<const uint8_t*>(p.codes[N16]) + unit * 8);
+    cc.c8[0] = v.x;
+    cc.c8[1] = v.y;
   }
 }
 
@@ -930,7 +987,7 @@ __device__ __forceinline__ SliceItem slice_item(int item, int rows, int slices_p
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
 // WIDE: the first WIDE 16-bit stages hold 8 table copies (SliceTables).
 // Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
-template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0>
+template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0, bool TILED = false>
 __global__ void __launch_bounds__(kGemvThreads, MINB)
     glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
@@ -961,8 +1018,12 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
   using Ring = SliceCodes<N16, HAS8>[NB];
   auto load_step = [&](SliceCodes<N16, HAS8>& dst, int row_base, bool rows_ok, int sl_, int rt_) {
-    const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
-    load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
+    if constexpr (TILED) {  // whole tiles only (M % 16 == 0): a row tile past M is never stored
+      if (row_base + 16 * rt_ < p.M) load_slice_tiled(dst, p, row_base / 16 + rt_, sl_, G / kSliceGroups);
+    } else {
+      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+      load_slice(dst, p, row_base + 16 * rt_ + g, sl_ * kSliceGroups + 4 * t, G, fast);
+    }
   };
   auto load_first_steps = [&](Ring& ring, int item) {  // steps 0 .. NB - 2 of an item
     const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
@@ -1077,7 +1138,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 // up to 1.4x faster than v4 on layers of <= 1 M weights at 3-4 bpw, 4-27% slower on large ones.
 constexpr int kRtStride = kGemvWarps / kGemvT;  // warps per row tile, slices between a warp's steps
 
-template <typename T, int N16, bool HAS8, int RL2, int NB>
+template <typename T, int N16, bool HAS8, int RL2, int NB, bool TILED = false>
 __global__ void __launch_bounds__(kGemvThreads, 1)
     glq_gemv_rt_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
@@ -1107,8 +1168,12 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   // step k is decoded.
   using Ring = SliceCodes<N16, HAS8>[NB];
   auto load_step = [&](SliceCodes<N16, HAS8>& dst, int row0, bool rows_ok, int sl_) {
-    const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
-    load_slice(dst, p, row0, sl_ * kSliceGroups + 4 * t, G, fast);
+    if constexpr (TILED) {  // row0 = 16 * tile + g; tiles past M are never stored
+      if (row0 - g < p.M) load_slice_tiled(dst, p, (row0 - g) / 16, sl_, G / kSliceGroups);
+    } else {
+      const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
+      load_slice(dst, p, row0, sl_ * kSliceGroups + 4 * t, G, fast);
+    }
   };
   auto load_first_steps = [&](Ring& ring, int item) {  // steps 0 .. NB - 2 of an item
     const SliceItem it = slice_item(item, kGemvRows, slices_per_split, n_slices, ksplit);
@@ -1264,7 +1329,7 @@ __device__ __forceinline__ void column_sync(int wk) {
 // __ldg path (L1 hits) was faster (H100, batch 16, 4096x14336: 25.7 against 27.7 us at 2 bpw, 38.2
 // against 46.9 at 4 bpw); at NT = 4-8 the scattered __ldg of 8 rows x 4 lanes touched 16 cache lines
 // per load and staging won (batch 64 with the odd reduction stride: 83.1 -> 57.5 us at 2 bpw).
-template <typename T, int N16, bool HAS8, int RL2, int NT, bool XS = batched_stages_x(NT)>
+template <typename T, int N16, bool HAS8, int RL2, int NT, bool TILED = false, bool XS = batched_stages_x(NT)>
 __global__ void __launch_bounds__(kBThreads, 1)
     glq_batched_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
@@ -1340,8 +1405,13 @@ __global__ void __launch_bounds__(kBThreads, 1)
     auto load = [&](SliceCodes<N16, HAS8> (&dst)[kBT], int sl_) {
       const bool fast = vec && rows_ok && sl_ * kSliceGroups + kSliceGroups <= G;
 #pragma unroll
-      for (int rt = 0; rt < kBT; ++rt)
-        load_slice(dst[rt], p, warp_row0 + 16 * rt + g, sl_ * kSliceGroups + 4 * t, G, fast);
+      for (int rt = 0; rt < kBT; ++rt) {
+        if constexpr (TILED) {  // tiles past M are never stored
+          if (warp_row0 + 16 * rt < p.M) load_slice_tiled(dst[rt], p, warp_row0 / 16 + rt, sl_, G / kSliceGroups);
+        } else {
+          load_slice(dst[rt], p, warp_row0 + 16 * rt + g, sl_ * kSliceGroups + 4 * t, G, fast);
+        }
+      }
     };
     // One slice, for each of the lane's 4 groups i: XS: both row tiles' decodes, then per n-tile one x
     // fragment from the staging buffer `buf` feeding 2 * kBT MMAs. Else: the NT x fragments from global
@@ -1451,7 +1521,7 @@ struct KernelInfo {
   int R;
 };
 
-template <typename T, int N16, bool HAS8, int NT>
+template <typename T, int N16, bool HAS8, int NT, bool TILED>
 KernelInfo pick_r() {
   // Two row tiles per warp halve the x-fragment loads per code, but only fit the register budget
   // with one stage and one n-tile.
@@ -1460,33 +1530,35 @@ KernelInfo pick_r() {
   constexpr int regs_per_chunk = R * 2 * (N16 * 4 + (HAS8 ? 2 : 0));
   constexpr int PF = 1;
   static_assert(regs_per_chunk <= 64, "codes of one chunk must fit in registers");
-  return {reinterpret_cast<const void*>(&glq_matmul_kernel<T, N16, HAS8, NT, R, PF>), R};
+  return {reinterpret_cast<const void*>(&glq_matmul_kernel<T, N16, HAS8, NT, R, PF, TILED>), R};
 }
 
-template <typename T, int N16, bool HAS8>
+template <typename T, bool TILED, int N16, bool HAS8>
 KernelInfo pick_nt(int B) {
-  if (B <= 8) return pick_r<T, N16, HAS8, 1>();
-  if (B <= 16) return pick_r<T, N16, HAS8, 2>();
-  return pick_r<T, N16, HAS8, 8>();
+  if (B <= 8) return pick_r<T, N16, HAS8, 1, TILED>();
+  if (B <= 16) return pick_r<T, N16, HAS8, 2, TILED>();
+  return pick_r<T, N16, HAS8, 8, TILED>();
 }
 
-template <typename T>
+template <typename T, bool TILED>
 KernelInfo pick_rate(int rate, int B) {
   switch (rate) {
-    case 2: return pick_nt<T, 1, false>(B);
-    case 3: return pick_nt<T, 1, true>(B);
-    case 4: return pick_nt<T, 2, false>(B);
-    case 5: return pick_nt<T, 2, true>(B);
-    case 6: return pick_nt<T, 3, false>(B);
-    case 7: return pick_nt<T, 3, true>(B);
-    case 8: return pick_nt<T, 4, false>(B);
+    case 2: return pick_nt<T, TILED, 1, false>(B);
+    case 3: return pick_nt<T, TILED, 1, true>(B);
+    case 4: return pick_nt<T, TILED, 2, false>(B);
+    case 5: return pick_nt<T, TILED, 2, true>(B);
+    case 6: return pick_nt<T, TILED, 3, false>(B);
+    case 7: return pick_nt<T, TILED, 3, true>(B);
+    case 8: return pick_nt<T, TILED, 4, false>(B);
     default: return {nullptr, 0};
   }
 }
 
-KernelInfo pick_kernel(int rate, int dtype, int B) {
+KernelInfo pick_kernel(int rate, int dtype, int B, bool tiled = false) {
   if (B < 1 || B > 64) return {nullptr, 0};
-  return dtype == kFloat16 ? pick_rate<__half>(rate, B) : pick_rate<__nv_bfloat16>(rate, B);
+  if (tiled)
+    return dtype == kFloat16 ? pick_rate<__half, true>(rate, B) : pick_rate<__nv_bfloat16, true>(rate, B);
+  return dtype == kFloat16 ? pick_rate<__half, false>(rate, B) : pick_rate<__nv_bfloat16, false>(rate, B);
 }
 
 int table_entries(int rate) { return (rate / 2) * 512 + (rate % 2) * 256; }
@@ -1507,12 +1579,12 @@ GemvInfo slice_info(const void* fn) {
 // 8 table copies for one 16-bit stage, 4 otherwise (and 8 for the first one or two on v4's layers, below).
 // 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
 // rate (tried; see notes). Code ring 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
-template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0>
+template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0, bool TILED = false>
 GemvInfo gemv_info() {
   constexpr int MINB = 1;
   constexpr int NB = N16 == 1 ? 4 : 2;
   return slice_info<N16, HAS8, RL2, WIDE>(
-      reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE>));
+      reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE, TILED>));
 }
 
 // Rates 4-8 on layers of at least kWideTableWeights weights hold 8 copies of their first 16-bit stage tables
@@ -1533,21 +1605,23 @@ constexpr int kWideMaxSmem = 192 * 1024;
 // v4 for `rate` with `rep` table copies where the rate offers a choice (rep 8 at rates 4-7: 8 copies
 // of the first two 16-bit stages, at rate 8 of the first; anything else, and every rep at rates 2 and 3,
 // gives the rate's fixed copies).
-template <typename T>
+template <typename T, bool TILED = false>
 GemvInfo pick_gemv_rate(int rate, int rep) {
   switch (rate) {
-    case 2: return gemv_info<T, 1, false>();
-    case 3: return gemv_info<T, 1, true>();
-    case 4: return rep == 8 ? gemv_info<T, 2, false, 3>() : gemv_info<T, 2, false>();
-    case 5: return rep == 8 ? gemv_info<T, 2, true, 3>() : gemv_info<T, 2, true>();
-    case 6: return rep == 8 ? gemv_info<T, 3, false, 2, 2>() : gemv_info<T, 3, false>();
-    case 7: return rep == 8 ? gemv_info<T, 3, true, 2, 2>() : gemv_info<T, 3, true>();
-    case 8: return rep == 8 ? gemv_info<T, 4, false, 2, 1>() : gemv_info<T, 4, false>();
+    case 2: return gemv_info<T, 1, false, 3, 0, TILED>();
+    case 3: return gemv_info<T, 1, true, 3, 0, TILED>();
+    case 4: return rep == 8 ? gemv_info<T, 2, false, 3, 0, TILED>() : gemv_info<T, 2, false, 2, 0, TILED>();
+    case 5: return rep == 8 ? gemv_info<T, 2, true, 3, 0, TILED>() : gemv_info<T, 2, true, 2, 0, TILED>();
+    case 6: return rep == 8 ? gemv_info<T, 3, false, 2, 2, TILED>() : gemv_info<T, 3, false, 2, 0, TILED>();
+    case 7: return rep == 8 ? gemv_info<T, 3, true, 2, 2, TILED>() : gemv_info<T, 3, true, 2, 0, TILED>();
+    case 8: return rep == 8 ? gemv_info<T, 4, false, 2, 1, TILED>() : gemv_info<T, 4, false, 2, 0, TILED>();
     default: return {nullptr, 0};
   }
 }
 
-GemvInfo pick_gemv(int rate, int dtype, int rep) {
+GemvInfo pick_gemv(int rate, int dtype, int rep, bool tiled = false) {
+  if (tiled)
+    return dtype == kFloat16 ? pick_gemv_rate<__half, true>(rate, rep) : pick_gemv_rate<__nv_bfloat16, true>(rate, rep);
   return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, rep) : pick_gemv_rate<__nv_bfloat16>(rate, rep);
 }
 
@@ -1556,44 +1630,48 @@ GemvInfo pick_gemv(int rate, int dtype, int rep) {
 // rate 4, no spill), and on the small layers it runs on, the first codes' DRAM round trip is the chain (stop
 // 23, H200, rate 4, ring 2 -> 4: 576x576 4.2 -> 3.65 us, 1536x576 4.4 -> 3.7, 2560x960 5.65 -> 4.95, 192x576
 // 4.15 -> 3.6; batch 4 alike).
-template <typename T>
+template <typename T, bool TI>
 GemvInfo pick_gemv_rt_rate(int rate) {
   switch (rate) {
-    case 2: return slice_info<1, false, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4>));
-    case 3: return slice_info<1, true, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4>));
-    case 4: return slice_info<2, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 4>));
+    case 2: return slice_info<1, false, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4, TI>));
+    case 3: return slice_info<1, true, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4, TI>));
+    case 4: return slice_info<2, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 4, TI>));
     default: return {nullptr, 0};
   }
 }
 
-GemvInfo pick_gemv_rt(int rate, int dtype) {
-  return dtype == kFloat16 ? pick_gemv_rt_rate<__half>(rate) : pick_gemv_rt_rate<__nv_bfloat16>(rate);
+GemvInfo pick_gemv_rt(int rate, int dtype, bool tiled = false) {
+  if (tiled)
+    return dtype == kFloat16 ? pick_gemv_rt_rate<__half, true>(rate) : pick_gemv_rt_rate<__nv_bfloat16, true>(rate);
+  return dtype == kFloat16 ? pick_gemv_rt_rate<__half, false>(rate) : pick_gemv_rt_rate<__nv_bfloat16, false>(rate);
 }
 
 // v5: instantiated for rates 2..4 only (the rates it is meant for; 3 n-tile counts x 2 dtypes each).
 // Same table copies as v4; rep 8 at rate 4: 8 copies of both stages (RL2 = 3).
-template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2)>
+template <typename T, bool TI, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2)>
 GemvInfo batched_nt(int B) {
   const int nt = batched_nt_of(B);
-  const void* fn = nt == 2   ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2>)
-                   : nt == 4 ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4>)
-                             : reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8>);
+  const void* fn = nt == 2   ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 2, TI>)
+                   : nt == 4 ? reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 4, TI>)
+                             : reinterpret_cast<const void*>(&glq_batched_kernel<T, N16, HAS8, RL2, 8, TI>);
   return slice_info<N16, HAS8, RL2>(fn);
 }
 
-template <typename T>
+template <typename T, bool TI>
 GemvInfo batched_rate(int rate, int B, int rep) {
   switch (rate) {
-    case 2: return batched_nt<T, 1, false>(B);
-    case 3: return batched_nt<T, 1, true>(B);
-    case 4: return rep == 8 ? batched_nt<T, 2, false, 3>(B) : batched_nt<T, 2, false>(B);
+    case 2: return batched_nt<T, TI, 1, false>(B);
+    case 3: return batched_nt<T, TI, 1, true>(B);
+    case 4: return rep == 8 ? batched_nt<T, TI, 2, false, 3>(B) : batched_nt<T, TI, 2, false>(B);
     default: return {nullptr, 0};
   }
 }
 
-GemvInfo pick_batched(int rate, int dtype, int B, int rep) {
+GemvInfo pick_batched(int rate, int dtype, int B, int rep, bool tiled = false) {
   if (B < 1 || B > kBMaxB) return {nullptr, 0};
-  return dtype == kFloat16 ? batched_rate<__half>(rate, B, rep) : batched_rate<__nv_bfloat16>(rate, B, rep);
+  if (tiled)
+    return dtype == kFloat16 ? batched_rate<__half, true>(rate, B, rep) : batched_rate<__nv_bfloat16, true>(rate, B, rep);
+  return dtype == kFloat16 ? batched_rate<__half, false>(rate, B, rep) : batched_rate<__nv_bfloat16, false>(rate, B, rep);
 }
 
 // Every matmul and FWHT call plans its launch, and the driver queries behind a plan cost a few
@@ -1957,6 +2035,30 @@ int mma_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int 
 
 int matmul_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device,
                 int variant, MatmulPlan* plan) {
+  if (variant & kTiledCodes) {  // the untiled kernel's plan (same tables, shared memory and launch), codes tiled
+    if (M % 16 != 0 || K % (8 * kSliceGroups) != 0) return cudaErrorInvalidValue;
+    const int err = matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant & ~kTiledCodes, plan);
+    if (err != cudaSuccess) return err;
+    const void* fn = nullptr;
+    int threads = kGemvThreads;
+    if (plan->kernel == kKernelGemv) fn = pick_gemv(rate, dtype, plan->rep, true).fn;
+    if (plan->kernel == kKernelGemvRt) fn = pick_gemv_rt(rate, dtype, true).fn;
+    if (plan->kernel == kKernelBatched) {
+      fn = pick_batched(rate, dtype, B, plan->rep, true).fn;
+      threads = kBThreads;
+    }
+    if (plan->kernel == kKernelMma) {
+      fn = pick_kernel(rate, dtype, B, true).fn;
+      threads = kThreads;
+    }
+    if (fn == nullptr) return cudaErrorInvalidValue;
+    int per_sm = 0, sms = 0;  // also lets the tiled kernel use the plan's shared memory
+    const cudaError_t e = occupancy(fn, threads, plan->smem_bytes, device, &per_sm, &sms);
+    if (e != cudaSuccess) return e;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    plan->tiled = 1;
+    return cudaSuccess;
+  }
   if (variant & kKernelPrefer) {
     if (matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant & ~kKernelPrefer, plan) == cudaSuccess)
       return cudaSuccess;
@@ -1987,8 +2089,8 @@ int trace_set(void* buf, int slots) {
 
 int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t stream) {
   if (plan.kernel == kKernelGemv || plan.kernel == kKernelGemvRt) {
-    const GemvInfo k =
-        plan.kernel == kKernelGemv ? pick_gemv(p.rate, p.dtype, plan.rep) : pick_gemv_rt(p.rate, p.dtype);
+    const GemvInfo k = plan.kernel == kKernelGemvRt ? pick_gemv_rt(p.rate, p.dtype, plan.tiled != 0)
+                                                    : pick_gemv(p.rate, p.dtype, plan.rep, plan.tiled != 0);
     if (k.fn == nullptr || p.B > kGemvMaxB) return cudaErrorInvalidValue;
     bool cluster = plan.cluster != 0;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
@@ -2000,7 +2102,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     return cudaGetLastError();
   }
   if (plan.kernel == kKernelBatched) {
-    const GemvInfo k = pick_batched(p.rate, p.dtype, p.B, plan.rep);
+    const GemvInfo k = pick_batched(p.rate, p.dtype, p.B, plan.rep, plan.tiled != 0);
     if (k.fn == nullptr || p.x_stride * p.B >= (1LL << 31)) return cudaErrorInvalidValue;
     bool cluster = plan.cluster != 0;
     void* args[] = {const_cast<MatmulParams*>(&p), const_cast<int*>(&plan.row_blocks),
@@ -2011,7 +2113,7 @@ int matmul_run(const MatmulParams& p, const MatmulPlan& plan, cudaStream_t strea
     if (err != cudaSuccess) return err;
     return cudaGetLastError();
   }
-  const KernelInfo k = pick_kernel(p.rate, p.dtype, p.B);
+  const KernelInfo k = pick_kernel(p.rate, p.dtype, p.B, plan.tiled != 0);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
   int rep_log2 = 0;
   while ((1 << rep_log2) < plan.rep) ++rep_log2;
@@ -2088,6 +2190,14 @@ __device__ __forceinline__ void store8<__nv_bfloat16>(__nv_bfloat16* dst, const 
   *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Row-major group index (row * G + group) of the code at position idx of a tiled stage (kTiledCodes):
+// idx = (((tile * G / 16 + sl) * 8 + g) * 4 + t) * 8 + h * 4 + i holds row 16 tile + 8 h + g, group 16 sl + 4 t + i.
+__device__ __forceinline__ unsigned untiled_group(unsigned idx, unsigned G) {
+  const unsigned i = idx & 3u, h = (idx >> 2) & 1u, t = (idx >> 3) & 3u, g = (idx >> 5) & 7u, unit = idx >> 8;
+  const unsigned slices = G / kSliceGroups;
+  return ((unit / slices) * 16u + h * 8u + g) * G + (unit % slices) * kSliceGroups + t * 4u + i;
+}
+
 template <typename OutT, int N16, bool HAS8>
 __global__ void __launch_bounds__(kDequantThreads) glq_dequantize_kernel(const DequantParams p) {
   extern __shared__ float4 dq_tab[];  // entry e's 8 floats: dq_tab[2e], dq_tab[2e + 1]
@@ -2114,7 +2224,7 @@ __global__ void __launch_bounds__(kDequantThreads) glq_dequantize_kernel(const D
       for (int s = 0; s < N16; ++s)
         c16[u][s] = ok ? __ldg(static_cast<const unsigned short*>(p.codes[s]) + idx) : 0u;
       c8[u] = (HAS8 && ok) ? __ldg(static_cast<const unsigned char*>(p.codes[N16]) + idx) : 0u;
-      rs[u] = ok ? __ldg(p.row_scale + idx / G) : 0.f;
+      rs[u] = ok ? __ldg(p.row_scale + (p.tiled ? untiled_group(idx, G) : idx) / G) : 0.f;
     }
 #pragma unroll
     for (int u = 0; u < kDequantUnroll; ++u) {
@@ -2147,7 +2257,7 @@ __global__ void __launch_bounds__(kDequantThreads) glq_dequantize_kernel(const D
       const float scale = __fmul_rn(rs[u], p.gain);
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] = __fmul_rn(acc[k], scale);
-      store8<OutT>(out + 8ull * idx, acc);
+      store8<OutT>(out + 8ull * (p.tiled ? untiled_group(idx, G) : idx), acc);
     }
   }
 }
@@ -2170,6 +2280,7 @@ const void* dequant_fn(int rate) {
 
 int dequantize_run(const DequantParams& p, int device, cudaStream_t stream) {
   if (p.M < 0 || p.K < 0 || p.K % 8 != 0) return cudaErrorInvalidValue;
+  if (p.tiled && (p.M % 16 != 0 || p.K % (8 * kSliceGroups) != 0)) return cudaErrorInvalidValue;
   const long long n = static_cast<long long>(p.M) * (p.K / 8);
   if (n >= (1LL << 31)) return cudaErrorInvalidValue;  // 32-bit group indices in the kernel
   if (n == 0) return cudaSuccess;

@@ -23,6 +23,12 @@ enum MatmulKernel : int { kKernelAuto = 0, kKernelMma = 1, kKernelGemv = 2, kKer
 // kKernelAuto plans, without an error. Callers rely on this rather than on catching a C++ exception,
 // which some environments cannot unwind (see notes/kernels.md).
 constexpr int kKernelPrefer = 16;
+// variant | kTiledCodes: the codes are in the tiled layout (glq.kernels.layout.tile_codes; needs M % 16 == 0 and
+// K % 128 == 0): every stage permuted to [16-row tile][16-group slice][lane][h][i], so a slice kernel's lane reads
+// its 8 codes of a step with one 16-byte load and a warp's loads are 512 contiguous bytes. Every matmul kernel
+// reads it (the slice kernels natively, the MMA kernel with a register shuffle), and so does dequantize_run
+// (DequantParams::tiled).
+constexpr int kTiledCodes = 32;
 
 // How one matmul launch is split; computed by matmul_plan, used by the binding to size buffers.
 struct MatmulPlan {
@@ -35,6 +41,7 @@ struct MatmulPlan {
   int kernel;        // MatmulKernel actually planned (not kKernelAuto)
   int cluster = 0;   // 1: the ksplit CTAs of a row block form a thread-block cluster and add their
                      // partial sums through distributed shared memory (no workspace, no counters)
+  int tiled = 0;     // 1: codes in the tiled layout (kTiledCodes)
 };
 
 struct MatmulParams {
@@ -79,6 +86,7 @@ struct DequantParams {
   int rate;   // 2..8
   int dtype;  // DType, or 2 for float32
   float gain;
+  int tiled;  // 1: codes in the tiled layout (kTiledCodes)
 };
 
 // All return a cudaError_t (cudaSuccess == 0).
