@@ -45,7 +45,7 @@ def main() -> None:
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
                 tab = tables.table(x.dtype, x.device)
                 for kernel in args.kernels:
-                    if (kernel == 3) != (batch > 8) or (kernel != 2 and rate > 4):
+                    if (kernel == 3) != (batch > 8) or (kernel == 3 and rate > 4):
                         continue
 
                     def call(i, v):

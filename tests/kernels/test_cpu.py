@@ -350,10 +350,10 @@ def test_cuda_sources_compile(tmp_path):
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8), row-tile 6, batched 18
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8), row-tile 14, batched 18
     # + 6 (8 copies at rate 4), FWHT 3 x 3 (fwht_kernel) and 3 x 4 (fwht_fast_kernel
     # per largest top level count)
-    assert len(pdl) == 2 * (42 + 24 + 6 + 24) + 9 + 12, len(pdl)  # x 2: every matmul kernel on tiled codes too
+    assert len(pdl) == 2 * (42 + 24 + 14 + 24) + 9 + 12, len(pdl)  # x 2: every matmul kernel on tiled codes too
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]
@@ -597,7 +597,8 @@ def test_batched_kernel_takes_batches_9_to_64(monkeypatch):
 
 def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypatch):
     """ops.small_batch_variant's rules, through the op: v4 (0) on layers of LARGE_LAYER_WEIGHTS or more;
-    below, the MMA kernel (1) at 5-8 bpw (v4 from batch 3 on layers of MID_LAYER_WEIGHTS or more); at
+    below, at 5-8 bpw the row-tile variant (4) on layers of MID_LAYER_WEIGHTS or more, on short inputs at 5-6 bpw
+    and on longer inputs at batches 1-2, else the MMA kernel (1); at
     2-4 bpw the row-tile variant (4) for short inputs; longer ones from batch 3 the row-tile variant
     from MID_LAYER_WEIGHTS and at 3 bpw, else v4 at 2 bpw and the MMA kernel at 4; at batch 1-2 v4 at
     2 bpw, the MMA kernel at 3-4 bpw below MID_LAYER_WEIGHTS, v4 at 3 and the row-tile variant at 4 bpw above.
@@ -623,26 +624,32 @@ def test_batches_of_one_to_eight_take_the_kernel_the_measurements_chose(monkeypa
     monkeypatch.setattr(ops, "MID_LAYER_WEIGHTS", 32 * 128)
     monkeypatch.setattr(ops, "ROW_TILE_MAX_IN", 64)
     assert variant(2, 64, 128) == [0] and variant(8, 64, 128, b=8) == [0] and variant(3, 96, 128, b=4) == [0]
-    assert variant(5, 24, 64, b=8) == [1] and variant(6, 32, 128, b=2) == [1] and variant(7, 32, 128, b=3) == [0]
+    # 5-8 bpw: the row-tile variant on mid layers, on short inputs at 5-6 bpw (else the MMA kernel), on longer inputs
+    # at batches 1-2
+    assert variant(5, 24, 64, b=8) == [4] and variant(6, 32, 128, b=2) == [4] and variant(7, 32, 128, b=3) == [4]
+    assert variant(8, 32, 128, b=8) == [4] and variant(6, 24, 64, b=4) == [4] and variant(7, 24, 64) == [1]
+    assert variant(5, 16, 72, b=2) == [4] and variant(8, 16, 72, b=3) == [1]
     assert variant(2, 16, 64) == [4] and variant(3, 16, 32) == [4] and variant(4, 24, 64, b=2) == [4]
     assert variant(2, 16, 72, b=3) == [0] and variant(4, 24, 72, b=8) == [1] and variant(3, 32, 128, b=5) == [4]
     assert variant(3, 16, 72, b=4) == [4] and variant(2, 32, 128, b=4) == [4] and variant(4, 32, 128, b=8) == [4]
     assert variant(2, 16, 72) == [0] and variant(3, 16, 72, b=2) == [1] and variant(4, 16, 72) == [1]
     assert variant(2, 32, 128) == [0] and variant(3, 32, 128) == [0] and variant(4, 32, 128, b=2) == [4]
     assert variant(3, 16, 32, b=9) == [3]  # batches past 8 are the batched kernel's
-    monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")
+    monkeypatch.setenv("GLQ_KERNELS_ROWTILE", "0")  # the choices from before the row-tile variant
     assert variant(2, 16, 64) == [0] and variant(4, 24, 64, b=8) == [0] and variant(3, 16, 72) == [1]
+    assert variant(6, 32, 128, b=2) == [1] and variant(7, 32, 128, b=3) == [0] and variant(6, 24, 64, b=8) == [1]
     monkeypatch.setenv("GLQ_KERNELS_GEMV", "0")
     assert variant(2, 16, 64) == [1] and variant(2, 64, 128, b=8) == [1]
     # the shipped constants at the measured shapes (out, in)
     monkeypatch.undo()
     pick = ops.small_batch_variant
-    assert pick(1, 4096, 4096, 2) == 0 and pick(8, 1024, 4096, 8) == 0 and pick(1, 1024, 4096, 3) == 0
-    assert pick(1, 1024, 4096, 5) == pick(1, 576, 1536, 4) == pick(2, 576, 576, 6) == 1
+    assert pick(1, 4096, 4096, 2) == 0 and pick(1, 1024, 4096, 2) == 0 and pick(1, 1024, 4096, 3) == 0
+    assert pick(1, 576, 1536, 4) == pick(2, 576, 576, 7) == pick(4, 576, 1536, 5) == pick(8, 2560, 960, 8) == 1
     assert pick(1, 576, 1536, 2) == 0
     row_tile = 4 | ops.PREFER
     assert pick(1, 1536, 576, 2) == pick(1, 576, 576, 3) == pick(8, 576, 1536, 3) == pick(1, 1024, 4096, 4) == row_tile
     assert pick(4, 576, 1536, 2) == 0 and pick(4, 576, 1536, 4) == 1 and pick(8, 1024, 4096, 2) == row_tile
+    assert pick(1, 1024, 4096, 5) == pick(8, 1024, 4096, 8) == pick(8, 576, 576, 6) == pick(1, 576, 1536, 8) == row_tile
 
 
 def test_glq_linear_takes_the_op_only_under_compile(monkeypatch):

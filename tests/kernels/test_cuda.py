@@ -312,7 +312,7 @@ def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
     assert torch.ops.glq_cuda.matmul_plan(1, 2048, 2048, rate, 0, 0, 0, 0, 0)[4] == 4
 
 
-@pytest.mark.parametrize("rate", [2, 3, 4], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("rate", range(2, 9), ids=lambda r: f"r{r}")
 def test_row_tile_step_kernel_matches_reference_and_repeats(cuda_ext, rate):
     """Variant 4 (small-batch kernel with (slice, row tile) steps, opt-in) matches the reference at
     awkward shapes, batches and split counts, and repeats itself bit for bit."""
@@ -339,12 +339,12 @@ def test_prefer_flag_plans_the_kernel_or_falls_back_without_raising(cuda_ext):
 
     plan = torch.ops.glq_cuda.matmul_plan
     assert plan(1, 64, 128, 3, 0, 0, 0, 0, 4 | PREFER)[6] == 4  # the row-tile kernel plans
-    assert plan(1, 64, 128, 5, 0, 0, 0, 0, 4 | PREFER)[6] == 2  # not built for rate 5: small-batch v4
+    assert plan(1, 64, 128, 5, 0, 0, 0, 0, 4 | PREFER)[6] == 4  # at every rate since stop 24
     assert plan(9, 64, 128, 3, 0, 0, 0, 0, 4 | PREFER)[6] == 1  # 9 rows: the MMA kernel
     assert plan(16, 64, 128, 3, 0, 0, 0, 0, 3 | PREFER)[6] == 3
     assert plan(16, 64, 128, 5, 0, 0, 0, 0, 3 | PREFER)[6] == 1
     codes, tables, row_scale = random_layer(5, 64, 128, seed=2, device="cuda")
-    x = torch.randn(3, 128, device="cuda").half()
+    x = torch.randn(9, 128, device="cuda").half()  # past the row-tile kernel's 8 rows: auto's MMA kernel
     table = tables.table(x.dtype, x.device)
     auto = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 5, tables.gain, 0, 0, 0)
     assert torch.equal(torch.ops.glq_cuda.matmul(x, codes, table, row_scale, 5, tables.gain, 0, 0, 4 | PREFER), auto)

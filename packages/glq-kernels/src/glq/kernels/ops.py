@@ -59,8 +59,16 @@ BATCHED_RATES = (2, 3, 4)
 # 20.4). Batches 2, 4 and 8 of the small layers (H100, stop 17; H200 agrees) moved one case: longer inputs below
 # MID_LAYER_WEIGHTS at batches 3-8 take v4 at 2 bpw (576x1536, batch 4: 4.2 against the row-tile variant's 4.8) and the
 # MMA kernel at 4 bpw (6.3 against 7.9; batch 8 8.2 against 8.4), the row-tile variant still at 3 bpw.
-# GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into v4, GLQ_KERNELS_GEMV=0 sends every batch of 1-8 to the MMA
-# kernel.
+# At 5-8 bpw the row-tile variant (instantiated there since stop 24; H200, row-major codes, batches 1, 2, 4 and 8,
+# scripts/route_probe.py) beats the MMA kernel and v4 on MID_LAYER_WEIGHTS layers at every batch (1024x4096 at 5 / 6
+# / 7 / 8 bpw, batch 1: 6.6 / 6.8 / 7.4 / 7.8 us against the MMA kernel's 8.3 / 8.3 / 10.3 / 11.2; batch 8: 7.3 / 7.5
+# / 8.1 / 8.5 against v4's 9.8 / 10.0 / 11.4 / 11.6), on short inputs at 5-6 bpw (1536x576 4.5 / 4.6 against 5.2 /
+# 5.4, batch 8 5.0 / 5.1 against 7.2 / 7.3; 2560x960 6.1 / 6.2 against 5.8 / 6.1 at batch 1, the one loss, 6.8 / 6.9
+# against 8.2 / 8.5 at batch 8) but not at 7-8 (576x576 6.4 / 6.6 against 5.7 / 5.9 at batch 1; its ring is 2 deep
+# there), and on longer inputs at batches 1-2 (576x1536, batch 1: 4.8 / 4.8 / 5.3 / 5.4 against 4.9 / 5.1 / 7.4 / 7.2;
+# batch 4 8.4 against 6.0 at 5 bpw).
+# GLQ_KERNELS_ROWTILE=0 turns the row-tile choices into what these rules chose before it (v4 at 2-4 bpw), and
+# GLQ_KERNELS_GEMV=0 sends every batch of 1-8 to the MMA kernel.
 ROW_TILE_ENV = "GLQ_KERNELS_ROWTILE"
 LARGE_LAYER_WEIGHTS = 1 << 23
 MID_LAYER_WEIGHTS = 1 << 22
@@ -80,16 +88,24 @@ def _rate(bits: list[int]) -> int:
     return sum(bits) // 8
 
 
-def small_batch_variant(batch: int, out_features: int, in_features: int, rate: int) -> int:
+def small_batch_variant(batch: int, out_features: int, in_features: int, rate: int, row_tile_ok: bool = True) -> int:
     """The CUDA kernel variant for a batch of 1-8 rows (rules and measurements above the constants):
-    0 (v4, the extension's own choice), 1 (the MMA kernel) or 4 | PREFER (the row-tile variant)."""
-    v4, mma, row_tile = 0, 1, ROW_TILE_VARIANT
+    0 (v4, the extension's own choice), 1 (the MMA kernel) or 4 | PREFER (the row-tile variant; never with
+    row_tile_ok=False, GLQ_KERNELS_ROWTILE=0)."""
+    v4, mma = 0, 1
     weights = out_features * in_features
     if weights >= LARGE_LAYER_WEIGHTS:
         return v4
     mid = weights >= MID_LAYER_WEIGHTS
     if rate >= 5:
-        return v4 if mid and batch > 2 else mma
+        if not row_tile_ok:
+            return v4 if mid and batch > 2 else mma
+        if mid or (in_features <= ROW_TILE_MAX_IN and rate <= 6):
+            return ROW_TILE_VARIANT
+        if in_features <= ROW_TILE_MAX_IN:
+            return mma
+        return ROW_TILE_VARIANT if batch <= 2 else mma
+    row_tile = ROW_TILE_VARIANT if row_tile_ok else v4
     if in_features <= ROW_TILE_MAX_IN:
         return row_tile
     if batch > 2:
@@ -208,7 +224,7 @@ def _matmul_impl(
                 if not _gemv_failed and os.environ.get(GEMV_ENV, "") != "0":
                     variant = small_batch_variant(xb.shape[0], codes[0].shape[0], x.shape[1], rate)
                     if variant == ROW_TILE_VARIANT and os.environ.get(ROW_TILE_ENV, "") == "0":
-                        variant = 0
+                        variant = small_batch_variant(xb.shape[0], codes[0].shape[0], x.shape[1], rate, False)
                     try:
                         return fn(xb, codes, tables, row_scale, rate, gain, variant | layout)
                     except RuntimeError as e:  # a launch failure of the new kernel: fall back

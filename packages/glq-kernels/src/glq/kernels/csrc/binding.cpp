@@ -228,7 +228,7 @@ void trace_set(const at::Tensor& buf, int64_t slots) {
 TORCH_LIBRARY(glq_cuda, m) {
   // variant: 0 auto (small-batch kernel for B <= 8, else MMA), 1 MMA kernel, 2 small-batch kernel,
   // 3 register-tiled batched kernel (B <= 64, rates 2..4), 4 small-batch kernel with row-tile steps
-  // (B <= 8, rates 2..4); auto never picks 3 or 4. Plus 16 (kKernelPrefer): that kernel if it can be
+  // (B <= 8); auto never picks 3 or 4. Plus 16 (kKernelPrefer): that kernel if it can be
   // planned, else auto's choice (ops.py asks for 3 and 4 that way). Plus 32 (kTiledCodes): the codes are in the
   // tiled layout (glq.kernels.layout.tile_codes); every kernel reads it.
   m.def("matmul(Tensor x, Tensor[] codes, Tensor tables, Tensor row_scale, int rate, float gain, int rep, int ksplit, int variant=0) -> Tensor");

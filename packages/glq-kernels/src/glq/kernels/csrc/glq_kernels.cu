@@ -1625,17 +1625,22 @@ GemvInfo pick_gemv(int rate, int dtype, int rep, bool tiled = false) {
   return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, rep) : pick_gemv_rate<__nv_bfloat16>(rate, rep);
 }
 
-// Variant 4 (row-tile steps): rates 2-4, v4's table copies (4 at rate 4: 8 measured 0-9% faster, less than
-// the deeper ring) and a code ring 4 deep at every rate: its 4 accumulators leave the registers for it (127 at
-// rate 4, no spill), and on the small layers it runs on, the first codes' DRAM round trip is the chain (stop
-// 23, H200, rate 4, ring 2 -> 4: 576x576 4.2 -> 3.65 us, 1536x576 4.4 -> 3.7, 2560x960 5.65 -> 4.95, 192x576
-// 4.15 -> 3.6; batch 4 alike).
+// Variant 4 (row-tile steps): v4's table copies at rates 2-3, 4 copies from rate 4 (8 measured 0-9% faster at
+// rate 4, less than the deeper ring), and a code ring 4 deep at rates 2-6: its 4 accumulators leave the registers
+// for it (127 at rate 4, no spill; rate 5 4 bytes of spill outside the loop), and on the small layers it runs on,
+// the first codes' DRAM round trip is the chain (stop 23, H200, rate 4, ring 2 -> 4: 576x576 4.2 -> 3.65 us,
+// 1536x576 4.4 -> 3.7, 2560x960 5.65 -> 4.95, 192x576 4.15 -> 3.6; batch 4 alike). Rates 7-8 keep a 2-deep ring
+// (rate 7: 12 bytes of spill outside the loop with it). Where ops.py routes rates 5-8 to it: ops.small_batch_variant.
 template <typename T, bool TI>
 GemvInfo pick_gemv_rt_rate(int rate) {
   switch (rate) {
     case 2: return slice_info<1, false, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, false, 3, 4, TI>));
     case 3: return slice_info<1, true, 3>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 1, true, 3, 4, TI>));
     case 4: return slice_info<2, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, false, 2, 4, TI>));
+    case 5: return slice_info<2, true, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 2, true, 2, 4, TI>));
+    case 6: return slice_info<3, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 3, false, 2, 4, TI>));
+    case 7: return slice_info<3, true, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 3, true, 2, 2, TI>));
+    case 8: return slice_info<4, false, 2>(reinterpret_cast<const void*>(&glq_gemv_rt_kernel<T, 4, false, 2, 2, TI>));
     default: return {nullptr, 0};
   }
 }
