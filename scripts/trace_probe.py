@@ -5,7 +5,8 @@ times them. Per launch, relative to the end of the previous launch's last CTA (u
 entered, finished the table fill and returned from the programmatic-launch wait, how long the first
 item's slice loop took (and how far apart its 16 warps finished it), the epilogue (reduction, split-K
 finish, store), and the period between launch ends. Usage on a GPU machine:
-scripts/gpu_run.sh python3 scripts/trace_probe.py [--shapes 4096x14336 ...] [--rates 2 4] [--batch 1]"""
+scripts/gpu_run.sh python3 scripts/trace_probe.py [--shapes 4096x14336 ...] [--rates 2 4] [--batch 1] [--tiled]
+(--tiled: codes in glq.kernels.layout's tiled layout where the shape has it, as glq.hf holds them)."""
 
 import argparse
 import itertools
@@ -31,10 +32,12 @@ def clk_of(rows, point: str):
     return rows[:, 3 + 2 * k]
 
 
-def trace_case(out_f: int, in_f: int, rate: int, batch: int, variant: int, replays: int) -> None:
-    from glq.kernels.benchmark import make_sets, time_graph
+def trace_case(out_f: int, in_f: int, rate: int, batch: int, variant: int, replays: int, tiled: bool = False) -> None:
+    from glq.kernels.benchmark import layout_bit, make_sets, time_graph
 
-    n, layers, tables = make_sets(rate, out_f, in_f, batch)
+    n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=tiled)
+    if tiled:
+        variant |= layout_bit(out_f, in_f)
     x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
     tab = tables.table(x.dtype, x.device)
 
@@ -115,6 +118,7 @@ def main() -> None:
     ap.add_argument("--rates", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--replays", type=int, default=3)
+    ap.add_argument("--tiled", action="store_true", help="tiled codes where the shape has the layout")
     args = ap.parse_args()
     ok, why = load_extension()
     if not ok or not hasattr(torch.ops.glq_cuda, "trace_set"):
@@ -123,7 +127,7 @@ def main() -> None:
     for s in args.shapes:
         out_f, in_f = (int(v) for v in s.split("x"))
         for rate in args.rates:
-            trace_case(out_f, in_f, rate, args.batch, 2, args.replays)
+            trace_case(out_f, in_f, rate, args.batch, 2, args.replays, args.tiled)
 
 
 if __name__ == "__main__":
