@@ -392,17 +392,17 @@ x = torch.randn(2, 24, device="cuda")
 cases = {  # torch's own check first: if that crashes too, the machine rather than our build is at fault
     "torch-cannot be multiplied": lambda: torch.ones(2, 3, device="cuda") @ torch.ones(4, 5, device="cuda"),
     "plan-matmul_plan": lambda: torch.ops.glq_cuda.matmul_plan(1, 16, 64, 9, 0, 0, 0, 0, 0),
-    "hadamard-blocks cover": lambda: torch.ops.glq_cuda.hadamard(x, [3], None, None),
-    "dequantize-rate": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 5, tables.gain, torch.float16),
-    "dequantize-float32": lambda: torch.ops.glq_cuda.dequantize(codes, table.half(), row_scale, 3, tables.gain,
-                                                                torch.float16),
-    "dequantize-dtype": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3, tables.gain, torch.int32),
     # 16 x 64: in_features 64 has no tiled layout (glq.kernels.layout)
     "matmul-tiled codes need": lambda: torch.ops.glq_cuda.matmul(torch.randn(1, 64, device="cuda").half(), codes,
                                                                  tables.table(torch.float16, "cuda"), row_scale, 3,
                                                                  tables.gain, 0, 0, 32),
     "tiled dequantize-tiled codes need": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3,
                                                                                tables.gain, torch.float16, True),
+    "hadamard-blocks cover": lambda: torch.ops.glq_cuda.hadamard(x, [3], None, None),
+    "dequantize-rate": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 5, tables.gain, torch.float16),
+    "dequantize-float32": lambda: torch.ops.glq_cuda.dequantize(codes, table.half(), row_scale, 3, tables.gain,
+                                                                torch.float16),
+    "dequantize-dtype": lambda: torch.ops.glq_cuda.dequantize(codes, table, row_scale, 3, tables.gain, torch.int32),
 }
 for name, call in cases.items():
     print("case", name, flush=True)
