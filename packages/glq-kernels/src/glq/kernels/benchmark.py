@@ -148,7 +148,9 @@ def make_sets(rate, out_f, in_f, batch, tiled: bool = False):
 def layout_bit(out_f: int, in_f: int) -> int:
     """The variant bit (ops.TILED) for the benchmark's layers of this shape: make_sets(..., tiled=True) tiles
     every shape that has the layout."""
-    return 32 if can_tile(out_f, in_f) else 0
+    from glq.kernels.ops import TILED
+
+    return TILED if can_tile(out_f, in_f) else 0
 
 
 def dense_matmul(x, layer, tables):
