@@ -12,7 +12,8 @@ it for several source trees in one call, alternating, and tables the result; by 
 
 Arguments: a tag printed first on every line, OUTxIN shapes, rates and batches (comma-separated);
 `--linear` times the full GLQ linear instead (``glq.kernels.glq_linear``: input transform, matmul, output
-transform, random signs, default blocks)."""
+transform, random signs, default blocks); `--tiled` holds the codes in the tiled layout where the shape has it
+(as glq.hf does on the CUDA C backend)."""
 
 import argparse
 
@@ -20,7 +21,7 @@ import torch
 
 from glq.kernels import glq_linear, matmul
 from glq.kernels._build import load_extension
-from glq.kernels.benchmark import make_sets, time_graph
+from glq.kernels.benchmark import layout_bit, make_sets, time_graph
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("batches", help="1,8,...")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--linear", action="store_true", help="time glq_linear (both transforms) instead of matmul")
+    ap.add_argument("--tiled", action="store_true", help="codes in the tiled layout where the shape has it")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rates = [int(r) for r in args.rates.split(",")]
@@ -42,18 +44,19 @@ def main() -> None:
         for batch in batches:
             cells = []
             for rate in rates:
-                n, layers, tables = make_sets(rate, out_f, in_f, batch)
+                n, layers, tables = make_sets(rate, out_f, in_f, batch, tiled=args.tiled)
+                tiled = args.tiled and bool(layout_bit(out_f, in_f))
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.bfloat16)
                 if args.linear:
                     s_in = torch.randint(0, 2, (in_f,), device="cuda").float() * 2 - 1
                     s_out = torch.randint(0, 2, (out_f,), device="cuda").float() * 2 - 1
 
-                    def call(i, x=x, layers=layers, tables=tables, s_in=s_in, s_out=s_out):
-                        return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out)
+                    def call(i, x=x, layers=layers, tables=tables, s_in=s_in, s_out=s_out, tiled=tiled):
+                        return glq_linear(x, layers[i][0], tables, layers[i][2], s_in, s_out, tiled=tiled)
                 else:
 
-                    def call(i, x=x, layers=layers, tables=tables):
-                        return matmul(x, layers[i][0], tables, layers[i][2])
+                    def call(i, x=x, layers=layers, tables=tables, tiled=tiled):
+                        return matmul(x, layers[i][0], tables, layers[i][2], tiled=tiled)
 
                 t = time_graph(call, n, replays=args.replays)
                 cells.append(f"r{rate}={t * 1e6:.1f}")

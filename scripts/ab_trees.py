@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--linear", action="store_true", help="time the full GLQ linear (ab_probe.py --linear)")
+    ap.add_argument("--tiled", action="store_true", help="codes in the tiled layout (ab_probe.py --tiled)")
     args = ap.parse_args()
     trees = []
     for spec in args.tree:
@@ -89,6 +90,7 @@ def main() -> int:
     probe = [str(ROOT / "scripts" / "ab_probe.py")]
     spec = [",".join(args.shapes), ",".join(map(str, args.rates)), ",".join(map(str, args.batches))]
     spec += ["--linear"] if args.linear else []
+    spec += ["--tiled"] if args.tiled else []
     times: dict = {}
     for _ in range(args.rounds):
         for name, env in trees:

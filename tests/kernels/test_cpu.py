@@ -324,7 +324,7 @@ def test_traced_build_stamps_only_the_small_batch_kernel(tmp_path):
     and nowhere else; the normal build (test_cuda_sources_compile) has none."""
     ptx = _compile_ptx(tmp_path, "GLQ_TRACE")
     entries = [e.split("(")[0] for e in ptx.split(".entry ")[1:] if "%globaltimer" in e.split("\n}\n")[0]]
-    assert len(entries) == 48, len(entries)  # 12 v4 instantiations x 2 dtypes x 2 code layouts
+    assert len(entries) == 56, len(entries)  # 14 v4 instantiations x 2 dtypes x 2 code layouts
     assert all("glq_gemv_kernelI" in e for e in entries), entries
 
 
@@ -334,26 +334,29 @@ def test_cuda_sources_compile(tmp_path):
     ptx = _compile_ptx(tmp_path)
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert "%globaltimer" not in ptx  # trace stamps exist only in GLQ_KERNELS_TRACE builds
-    # the small-batch kernel (v4) at every rate, on both code layouts: <T, N16, HAS8, RL2, MINB, NB, WIDE, TILED>
+    # the small-batch kernel (v4) at every rate, on both code layouts: <T, N16, HAS8, RL2, MINB, NB, WIDE, TILED, W>
     for rate, tiled in ((r, t) for r in range(2, 9) for t in (0, 1)):
         n16, has8 = rate // 2, rate % 2
         rl2, nb = (3, 4) if n16 == 1 else (2, 2)
-        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}ELi0ELb{tiled}EEEv" in ptx, rate
+        assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi{rl2}ELi1ELi{nb}ELi0ELb{tiled}ELi16EEEv" in ptx, rate
+        if n16 == 1:  # rates 2-3 also with 8 warps, two CTAs per SM
+            assert f"glq_gemv_kernelI6__halfLi1ELb{has8}ELi3ELi2ELi4ELi0ELb{tiled}ELi8EEEv" in ptx, rate
         if n16 == 2:  # rates 4-5 also with 8 table copies, for layers of >= kWideTableWeights weights
-            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0ELb{tiled}EEEv" in ptx, rate
+            assert f"glq_gemv_kernelI6__halfLi2ELb{has8}ELi3ELi1ELi2ELi0ELb{tiled}ELi16EEEv" in ptx, rate
         if rate in (6, 7):  # also with 8 copies of the first two 16-bit stages
-            assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2ELb{tiled}EEEv" in ptx, rate
+            assert f"glq_gemv_kernelI6__halfLi{n16}ELb{has8}ELi2ELi1ELi2ELi2ELb{tiled}ELi16EEEv" in ptx, rate
         if rate == 8:  # also with 8 copies of the first 16-bit stage
-            assert f"glq_gemv_kernelI6__halfLi4ELb0ELi2ELi1ELi2ELi1ELb{tiled}EEEv" in ptx
+            assert f"glq_gemv_kernelI6__halfLi4ELb0ELi2ELi1ELi2ELi1ELb{tiled}ELi16EEEv" in ptx
     assert "glq_dequantize_kernel" in ptx  # the dense decode of the large-batch path too
     # every matmul and FWHT kernel is a programmatic dependent launch: it waits for the previous
     # kernel (griddepcontrol.wait) and lets the next one start (launch_dependents)
     kind = re.compile(r"\d(glq_matmul|glq_gemv|glq_gemv_rt|glq_batched|fwht|fwht_fast)_kernelI")
     pdl = [e for e in ptx.split(".entry ")[1:] if kind.search(e.split("(")[0])]
-    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8), row-tile 14, batched 18
+    # MMA 7 rates x 2 dtypes x 3 n-tiles, small-batch 14 + 10 (8 copies at rates 4-8) + 4 (8 warps at rates 2-3),
+    # row-tile 14, batched 18
     # + 6 (8 copies at rate 4), FWHT 3 x 3 (fwht_kernel) and 3 x 4 (fwht_fast_kernel
     # per largest top level count)
-    assert len(pdl) == 2 * (42 + 24 + 14 + 24) + 9 + 12, len(pdl)  # x 2: every matmul kernel on tiled codes too
+    assert len(pdl) == 2 * (42 + 28 + 14 + 24) + 9 + 12, len(pdl)  # x 2: every matmul kernel on tiled codes too
     for e in pdl:
         body = e.split("\n}\n")[0]
         assert "griddepcontrol.wait" in body and "griddepcontrol.launch_dependents" in body, e[:120]

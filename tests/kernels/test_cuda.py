@@ -288,6 +288,41 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
                     assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
 
 
+@pytest.mark.parametrize("rate", [2, 3], ids=lambda r: f"r{r}")
+def test_small_batch_kernel_warp_counts_agree(cuda_ext, rate, monkeypatch):
+    """At rates 2-3 the small-batch kernel runs 16 warps per CTA or 8 (two CTAs per SM; GLQ_KERNELS_V4_WARPS
+    forces either): both match the reference and repeat bit for bit at awkward shapes, batches, splits and both
+    code layouts; the plan reports the warp count, 8 where 16-warp CTAs would take several rounds (28672 rows:
+    448 row blocks), 16 at rate 4."""
+    from glq.kernels.layout import can_tile, tile_codes
+    from glq.kernels.ops import TILED
+
+    plan = torch.ops.glq_cuda.matmul_plan
+    monkeypatch.delenv("GLQ_KERNELS_V4_WARPS", raising=False)
+    assert plan(1, 28672, 4096, rate, 0, 0, 0, 0, 0)[8] == 8
+    assert plan(1, 4096, 14336, 4, 0, 0, 0, 0, 0)[8] == 16
+    for warps in (16, 8):
+        monkeypatch.setenv("GLQ_KERNELS_V4_WARPS", str(warps))
+        assert plan(1, 28672, 4096, rate, 0, 0, 0, 0, 2)[8] == warps
+        for out_f, in_f in [(960, 2688), (24, 24), (1536, 576), (4096, 4096)]:
+            codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=3, device="cuda")
+            w = dequantize(codes, tables, row_scale)
+            layouts = [(codes, 2)] + ([(tile_codes(codes), 2 | TILED)] if can_tile(out_f, in_f) else [])
+            for b in (1, 3, 8):
+                for dtype in DTYPES:
+                    x = torch.randn(b, in_f, device="cuda").to(dtype)
+                    exact = exact_matmul(x, w)
+                    tol = kernel_tolerance(x, w, exact, len(tables.bits))
+                    table = tables.table(dtype, x.device)
+                    for c, variant in layouts:
+                        for ks in (0, 1, 3):
+                            y = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks, variant)
+                            assert rel_error(y, exact) <= tol, (warps, out_f, in_f, b, dtype, variant, ks)
+                            again = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks,
+                                                              variant)
+                            assert torch.equal(y, again), (warps, out_f, in_f, b, dtype, variant, ks)
+
+
 @pytest.mark.parametrize("rate", [4, 5, 6, 7, 8], ids=lambda r: f"r{r}")
 def test_small_batch_kernel_table_copies_give_identical_results(cuda_ext, rate):
     """At rates 4-8 the small-batch kernel holds 8 or 4 copies of its first two stage tables (rate 8: of its

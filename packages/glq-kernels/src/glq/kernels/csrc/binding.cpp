@@ -115,7 +115,7 @@ std::vector<int64_t> matmul_plan_info(int64_t B, int64_t M, int64_t K, int64_t r
   glq::MatmulPlan plan;
   check_cuda(glq::matmul_plan(B, M, K, rate, dtype, rep, ksplit, device, variant, &plan), "matmul_plan");
   return {plan.rows_per_cta, plan.row_blocks, plan.ksplit, plan.grid, plan.rep, plan.smem_bytes, plan.kernel,
-          plan.cluster};
+          plan.cluster, plan.warps};
 }
 
 at::Tensor hadamard(const at::Tensor& x, at::IntArrayRef seg_log2,

@@ -986,9 +986,11 @@ __device__ __forceinline__ SliceItem slice_item(int item, int rows, int slices_p
 // table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
 // WIDE: the first WIDE 16-bit stages hold 8 table copies (SliceTables).
-// Dynamic shared memory: tables (stage-major, REP copies per entry) then red[kGemvWarps][64][B].
-template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0, bool TILED = false>
-__global__ void __launch_bounds__(kGemvThreads, MINB)
+// Dynamic shared memory: tables (stage-major, REP copies per entry) then red[W][64][B].
+// W: warps per CTA (16, one CTA per SM; 8 with MINB = 2 at rates 2-3, two CTAs per SM: see gemv_plan).
+template <typename T, int N16, bool HAS8, int RL2, int MINB, int NB, int WIDE = 0, bool TILED = false,
+          int W = kGemvWarps>
+__global__ void __launch_bounds__(W * 32, MINB)
     glq_gemv_kernel(const MatmulParams p, const int row_blocks, const int ksplit, const bool cluster) {
   extern __shared__ uint4 smem[];
   __shared__ int s_last;
@@ -1012,7 +1014,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
   static_assert(kGemvT % NB == 0 && NB >= 2, "ring slots must be compile-time indices");
   const int n_items = row_blocks * ksplit;
 
-  // Steps: step q of this warp is (slice sl = s_first + warp + (q / kGemvT) * kGemvWarps,
+  // Steps: step q of this warp is (slice sl = s_first + warp + (q / kGemvT) * W,
   // row tile q % kGemvT). Codes of step q live in ring slot q % NB; NB divides kGemvT, so the
   // slot of (slice k, row tile rt) is rt % NB, a compile-time index in the unrolled rt loop (no
   // register copies at the loop edge), and step q + NB - 1 is loaded while step q is decoded.
@@ -1045,14 +1047,14 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
     trace_point(s_trace, kTrEntry);
     if (s_trace != nullptr) s_trace[1] = gridDim.x | (static_cast<unsigned long long>(n_items) << 32);
   }
-  slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p, [&] {
+  slice_kernel_prologue<N16, HAS8, W * 32, RL2, WIDE>(smem, p, [&] {
     __syncthreads();
     if (threadIdx.x == 0) trace_point(s_trace, kTrFilled);
   });
   if (threadIdx.x == 0) trace_point(s_trace, kTrWaited);
   int trace_k = 0;
 #else
-  slice_kernel_prologue<N16, HAS8, kGemvThreads, RL2, WIDE>(smem, p);
+  slice_kernel_prologue<N16, HAS8, W * 32, RL2, WIDE>(smem, p);
 #endif
 
   auto run_item = [&](const int item, Ring& ring) {
@@ -1067,11 +1069,11 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][q] = 0.f;
 
-    for (int sl = s_first + warp; sl < s_stop; sl += kGemvWarps) {
+    for (int sl = s_first + warp; sl < s_stop; sl += W) {
       const int j0 = sl * kSliceGroups + 4 * t;  // this lane's first group of the slice
       uint4 xf[4];
       load_x_fragments(xf, xrow, j0, G, vec && sl * kSliceGroups + kSliceGroups <= G);
-      const int sl_next = sl + kGemvWarps;
+      const int sl_next = sl + W;
 #pragma unroll
       for (int rt = 0; rt < kGemvT; ++rt) {
         // prefetch step + NB - 1: row tile rt + NB - 1 of this slice, or of the next slice
@@ -1108,7 +1110,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB)
     __syncthreads();
     if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0Done + 2 * trace_k);
 #endif
-    store_item<T, kGemvRows, kGemvWarps, kGemvThreads, 1, true>(p, y, red, B, rb, row_base, ks, ksplit, cluster,
+    store_item<T, kGemvRows, W, W * 32, 1, true>(p, y, red, B, rb, row_base, ks, ksplit, cluster,
                                                               s_last);
 #ifdef GLQ_TRACE
     if (threadIdx.x == 0 && trace_k < 2) trace_point(s_trace, kTrItem0End + 2 * trace_k);
@@ -1568,6 +1570,7 @@ struct GemvInfo {
   int rl2;
   int copies;       // table copies a caller asks for to get this kernel (plan.rep)
   int table_bytes;  // shared memory of its tables (SliceTables)
+  int warps = kGemvWarps;  // per CTA
 };
 
 // A slice kernel (v4, its row-tile variant, v5) with SliceTables<N16, HAS8, RL2, WIDE>'s layout.
@@ -1579,12 +1582,18 @@ GemvInfo slice_info(const void* fn) {
 // 8 table copies for one 16-bit stage, 4 otherwise (and 8 for the first one or two on v4's layers, below).
 // 128 registers (one CTA of 16 warps per SM): at 64 (two CTAs) ptxas spilled 90-170 bytes for every
 // rate (tried; see notes). Code ring 4 deep (prefetch 3 steps) for one 16-bit stage, 2 deep for more.
-template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0, bool TILED = false>
+// One 16-bit stage (rates 2-3) also runs as 8 warps per CTA, two CTAs per SM (the same 128 registers, no spill;
+// gemv_plan picks).
+template <typename T, int N16, bool HAS8, int RL2 = (N16 == 1 ? 3 : 2), int WIDE = 0, bool TILED = false,
+          int W = kGemvWarps>
 GemvInfo gemv_info() {
-  constexpr int MINB = 1;
+  static_assert(W == kGemvWarps || (W == kGemvWarps / 2 && N16 == 1), "8 warps only with one 16-bit stage");
+  constexpr int MINB = kGemvWarps / W;
   constexpr int NB = N16 == 1 ? 4 : 2;
-  return slice_info<N16, HAS8, RL2, WIDE>(
-      reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE, TILED>));
+  GemvInfo k = slice_info<N16, HAS8, RL2, WIDE>(
+      reinterpret_cast<const void*>(&glq_gemv_kernel<T, N16, HAS8, RL2, MINB, NB, WIDE, TILED, W>));
+  k.warps = W;
+  return k;
 }
 
 // Rates 4-8 on layers of at least kWideTableWeights weights hold 8 copies of their first 16-bit stage tables
@@ -1604,12 +1613,13 @@ constexpr int kWideMaxSmem = 192 * 1024;
 
 // v4 for `rate` with `rep` table copies where the rate offers a choice (rep 8 at rates 4-7: 8 copies
 // of the first two 16-bit stages, at rate 8 of the first; anything else, and every rep at rates 2 and 3,
-// gives the rate's fixed copies).
+// gives the rate's fixed copies), and `warps` per CTA where it does (8 at rates 2-3; anything else: 16).
 template <typename T, bool TILED = false>
-GemvInfo pick_gemv_rate(int rate, int rep) {
+GemvInfo pick_gemv_rate(int rate, int rep, int warps) {
+  constexpr int W8 = kGemvWarps / 2;
   switch (rate) {
-    case 2: return gemv_info<T, 1, false, 3, 0, TILED>();
-    case 3: return gemv_info<T, 1, true, 3, 0, TILED>();
+    case 2: return warps == W8 ? gemv_info<T, 1, false, 3, 0, TILED, W8>() : gemv_info<T, 1, false, 3, 0, TILED>();
+    case 3: return warps == W8 ? gemv_info<T, 1, true, 3, 0, TILED, W8>() : gemv_info<T, 1, true, 3, 0, TILED>();
     case 4: return rep == 8 ? gemv_info<T, 2, false, 3, 0, TILED>() : gemv_info<T, 2, false, 2, 0, TILED>();
     case 5: return rep == 8 ? gemv_info<T, 2, true, 3, 0, TILED>() : gemv_info<T, 2, true, 2, 0, TILED>();
     case 6: return rep == 8 ? gemv_info<T, 3, false, 2, 2, TILED>() : gemv_info<T, 3, false, 2, 0, TILED>();
@@ -1619,10 +1629,11 @@ GemvInfo pick_gemv_rate(int rate, int rep) {
   }
 }
 
-GemvInfo pick_gemv(int rate, int dtype, int rep, bool tiled = false) {
+GemvInfo pick_gemv(int rate, int dtype, int rep, bool tiled = false, int warps = kGemvWarps) {
   if (tiled)
-    return dtype == kFloat16 ? pick_gemv_rate<__half, true>(rate, rep) : pick_gemv_rate<__nv_bfloat16, true>(rate, rep);
-  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, rep) : pick_gemv_rate<__nv_bfloat16>(rate, rep);
+    return dtype == kFloat16 ? pick_gemv_rate<__half, true>(rate, rep, warps)
+                             : pick_gemv_rate<__nv_bfloat16, true>(rate, rep, warps);
+  return dtype == kFloat16 ? pick_gemv_rate<__half>(rate, rep, warps) : pick_gemv_rate<__nv_bfloat16>(rate, rep, warps);
 }
 
 // Variant 4 (row-tile steps): v4's table copies at rates 2-3, 4 copies from rate 4 (8 measured 0-9% faster at
@@ -1844,7 +1855,8 @@ struct SplitCost {
 // 120 of 132 on an H100 in clusters of 4), else through the workspace, whichever costs less. In auto
 // mode (ksplit <= 0) the smallest split reaching the best cost wins.
 int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int rep, int kernel, int B, int M,
-                int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3, 0.3}) {
+                int K, int ksplit, int device, MatmulPlan* plan, SplitCost cost_of = {0.0, 0.3, 0.3},
+                double* cost = nullptr) {
   int per_sm = 0, sms = 0;
   const cudaError_t err = occupancy(fn, threads, smem, device, &per_sm, &sms);
   if (err != cudaSuccess) return err;
@@ -1899,6 +1911,7 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
   plan->rep = rep;
   plan->smem_bytes = smem;
   plan->kernel = kernel;
+  if (cost != nullptr) *cost = c.cost;
   return cudaSuccess;
 }
 
@@ -1906,6 +1919,17 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
 // A step is one slice x kGemvT row tiles of a warp.
 // rep: 8 or 4 picks the table copies at rates 4-8 (anything else: 8 on layers of at least
 // kWideTableWeights weights within kWideMaxSmem, else 4).
+int gemv_plan_warps(int B, int M, int K, int rate, int dtype, int rep, int warps, int ksplit, int device,
+                    MatmulPlan* plan, double* cost);
+
+// Warps per v4 CTA forced by GLQ_KERNELS_V4_WARPS (8 or 16, for measurements; applies at rates 2-3), else 0.
+int forced_gemv_warps() {
+  const char* env = std::getenv("GLQ_KERNELS_V4_WARPS");
+  if (env == nullptr) return 0;
+  const int w = std::atoi(env);
+  return w == kGemvWarps || w == kGemvWarps / 2 ? w : 0;
+}
+
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const int red_bytes = kGemvWarps * kGemvRows * B * 4;
@@ -1917,9 +1941,35 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
     }
     rep = 4;
   }
-  const GemvInfo k = pick_gemv(rate, dtype, rep);
+  if (rate > 3) return gemv_plan_warps(B, M, K, rate, dtype, rep, kGemvWarps, ksplit, device, plan, nullptr);
+  // Rates 2-3: 16 warps in one CTA per SM, or 8 warps in each of two, whichever the split planner prices lower
+  // (16 on a tie). Two CTAs per SM halve the rounds where row blocks outnumber the SMs, and the next round's
+  // (or launch's) CTA enters, fills its tables and loads its first codes while the previous one still runs
+  // (one CTA of 16 warps holds the whole register file). Measured (H200, batch 1, tiled codes, us, 16 -> 8
+  // warps; notes/kernels.md stop 25): 14336x4096 12.65 -> 10.7 (2 bpw) and 17.35 -> 15.15 (3 bpw), 28672x4096
+  // 23.85 -> 20.1 and 34.4 -> 29.6; one round of split items is mixed: 4096x4096 5.9 -> 5.55 at 2 bpw, 7.0 ->
+  // 7.15 at 3; 6144x4096 6.85 -> 6.95 and 8.8 -> 9.45 (unsplit, 96 row blocks: 8 warps must split it).
+  const int forced = forced_gemv_warps();
+  if (forced != 0) return gemv_plan_warps(B, M, K, rate, dtype, rep, forced, ksplit, device, plan, nullptr);
+  double c16 = 0.0, c8 = 0.0;
+  MatmulPlan eight;
+  const int err = gemv_plan_warps(B, M, K, rate, dtype, rep, kGemvWarps, ksplit, device, plan, &c16);
+  if (gemv_plan_warps(B, M, K, rate, dtype, rep, kGemvWarps / 2, ksplit, device, &eight, &c8) != cudaSuccess) {
+    cudaGetLastError();
+    return err;
+  }
+  if (err != cudaSuccess || c8 < c16 - 1e-9) {
+    cudaGetLastError();
+    *plan = eight;
+  }
+  return cudaSuccess;
+}
+
+int gemv_plan_warps(int B, int M, int K, int rate, int dtype, int rep, int warps, int ksplit, int device,
+                    MatmulPlan* plan, double* cost) {
+  const GemvInfo k = pick_gemv(rate, dtype, rep, false, warps);
   if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int smem = k.table_bytes + red_bytes;
+  const int smem = k.table_bytes + k.warps * kGemvRows * B * 4;
   // Fitted (stop 20; notes/kernels.md) to v4's forced splits, 1-4 on seven shapes at 2-8 bpw and batches 1
   // and 4, plus 23 held-out cases of a first fit (H200), minimising the summed relative loss against the
   // fastest split. An SM's slices weigh 2 steps per 16 (2048x2048 at 4 bpw: 5.9 us in 4 splits, 8.0
@@ -1929,8 +1979,10 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
   // epilogue), so fewer steps of the slower rates (28672x8192 at 3 bpw: 76.4 us unsplit in 4 rounds, 83.4
   // in 2 splits and 7 rounds).
   const SplitCost cost_of{2.0, 1.8 * 2.0 / rate, 1.5 * 2.0 / rate, 0.5 + 4.0 / rate};
-  return plan_slices(k.fn, kGemvThreads, smem, kGemvRows, kGemvWarps, k.copies, kKernelGemv, B, M, K, ksplit,
-                     device, plan, cost_of);
+  const int err = plan_slices(k.fn, k.warps * 32, smem, kGemvRows, k.warps, k.copies, kKernelGemv, B, M, K, ksplit,
+                              device, plan, cost_of, cost);
+  plan->warps = k.warps;
+  return err;
 }
 
 // Plan of variant 4: items as v4's, kRtStride column parts; a step is one slice x one row tile.
@@ -2045,7 +2097,10 @@ struct PlannedKernel {
 PlannedKernel planned_kernel(const MatmulPlan& plan, int rate, int dtype, int B) {
   const bool tiled = plan.tiled != 0;
   switch (plan.kernel) {
-    case kKernelGemv: return {pick_gemv(rate, dtype, plan.rep, tiled).fn, kGemvThreads};
+    case kKernelGemv: {
+      const GemvInfo k = pick_gemv(rate, dtype, plan.rep, tiled, plan.warps);
+      return {k.fn, k.warps * 32};
+    }
     case kKernelGemvRt: return {pick_gemv_rt(rate, dtype, tiled).fn, kGemvThreads};
     case kKernelBatched: return {pick_batched(rate, dtype, B, plan.rep, tiled).fn, kBThreads};
     default: return {pick_kernel(rate, dtype, B, tiled).fn, kThreads};

@@ -42,6 +42,7 @@ struct MatmulPlan {
   int cluster = 0;   // 1: the ksplit CTAs of a row block form a thread-block cluster and add their
                      // partial sums through distributed shared memory (no workspace, no counters)
   int tiled = 0;     // 1: codes in the tiled layout (kTiledCodes)
+  int warps = 0;     // warps per CTA of the small-batch kernel (16, or 8 at rates 2-3); 0 for the others
 };
 
 struct MatmulParams {
