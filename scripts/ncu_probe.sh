@@ -20,6 +20,9 @@ if [ $# -gt 0 ]; then
   done
   exit 0
 fi
+run "v4 4096x14336 b1 2 bpw, tiled" --rates 2 --variant 2 --tiled
+run "v4 4096x4096 b1 2 bpw, tiled" --shape 4096x4096 --rates 2 --variant 2 --tiled
+run "v4 4096x14336 b1 4 bpw, tiled" --rates 4 --variant 2 --tiled
 run "v4 4096x14336 b1 4 bpw, 4 copies" --rates 4 --variant 2 --rep 4
 run "v4 4096x14336 b1 4 bpw, 8 copies" --rates 4 --variant 2 --rep 8
 run "v4 4096x14336 b1 2 bpw" --rates 2 --variant 2
