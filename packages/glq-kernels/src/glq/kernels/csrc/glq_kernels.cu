@@ -983,7 +983,8 @@ __device__ __forceinline__ SliceItem slice_item(int item, int rows, int slices_p
 }
 
 // Template: storage dtype T, N16 16-bit stages, HAS8 trailing 8-bit stage, RL2 = log2 of the
-// table copies, MINB CTAs per SM for the register budget (2: 64 registers), NB code buffers
+// table copies, MINB CTAs per SM for the register budget (65536 / (MINB x W x 32) registers: 128 for
+// 16 warps x 1 and for 8 warps x 2), NB code buffers
 // (prefetch depth NB - 1 steps; NB divides kGemvT).
 // WIDE: the first WIDE 16-bit stages hold 8 table copies (SliceTables).
 // Dynamic shared memory: tables (stage-major, REP copies per entry) then red[W][64][B].
