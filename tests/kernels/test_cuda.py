@@ -117,6 +117,16 @@ def test_matmul_forced_splits_agree(cuda_ext):
             assert rel_error(y, exact) <= tol, (rep, ks)
 
 
+def _inputs(w: torch.Tensor, tables, batches):
+    """(batch, dtype, x, fp64 product, tolerance, table in x's dtype) for each batch and dtype: random x rows on
+    w's device."""
+    for b in batches:
+        for dtype in DTYPES:
+            x = torch.randn(b, w.shape[1], device=w.device).to(dtype)
+            exact = exact_matmul(x, w)
+            yield b, dtype, x, exact, kernel_tolerance(x, w, exact, len(tables.bits)), tables.table(dtype, x.device)
+
+
 def _hadamard_tol(ref: torch.Tensor, dtype: torch.dtype) -> float:
     """4x the reference's own rounding of the output to dtype; fp32: summation order alone."""
     return 4 * rel_error(ref.to(dtype), ref) + 1e-5
@@ -274,18 +284,13 @@ def test_small_batch_kernel_variants_agree(cuda_ext, rate):
     for out_f, in_f in [(4096, 14336), (960, 2688), (24, 24), (1536, 576)]:
         codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=11, device="cuda")
         w = dequantize(codes, tables, row_scale)
-        for b in (1, 3, 8):
-            for dtype in DTYPES:
-                x = torch.randn(b, in_f, device="cuda").to(dtype)
-                exact = exact_matmul(x, w)
-                tol = kernel_tolerance(x, w, exact, len(tables.bits))
-                table = tables.table(dtype, x.device)
-                dcode = 0 if dtype == torch.float16 else 1
-                plan = torch.ops.glq_cuda.matmul_plan(b, out_f, in_f, rate, dcode, 0, 0, 0, 0)
-                assert plan[6] == 2, plan
-                for variant, ks in [(1, 0), (2, 0), (2, 1), (2, 3), (2, 64)]:
-                    y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, variant)
-                    assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
+        for b, dtype, x, exact, tol, table in _inputs(w, tables, (1, 3, 8)):
+            dcode = 0 if dtype == torch.float16 else 1
+            plan = torch.ops.glq_cuda.matmul_plan(b, out_f, in_f, rate, dcode, 0, 0, 0, 0)
+            assert plan[6] == 2, plan
+            for variant, ks in [(1, 0), (2, 0), (2, 1), (2, 3), (2, 64)]:
+                y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, variant)
+                assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, variant, ks)
 
 
 @pytest.mark.parametrize("rate", [2, 3], ids=lambda r: f"r{r}")
@@ -308,19 +313,12 @@ def test_small_batch_kernel_warp_counts_agree(cuda_ext, rate, monkeypatch):
             codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=3, device="cuda")
             w = dequantize(codes, tables, row_scale)
             layouts = [(codes, 2)] + ([(tile_codes(codes), 2 | TILED)] if can_tile(out_f, in_f) else [])
-            for b in (1, 3, 8):
-                for dtype in DTYPES:
-                    x = torch.randn(b, in_f, device="cuda").to(dtype)
-                    exact = exact_matmul(x, w)
-                    tol = kernel_tolerance(x, w, exact, len(tables.bits))
-                    table = tables.table(dtype, x.device)
-                    for c, variant in layouts:
-                        for ks in (0, 1, 3):
-                            y = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks, variant)
-                            assert rel_error(y, exact) <= tol, (warps, out_f, in_f, b, dtype, variant, ks)
-                            again = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks,
-                                                              variant)
-                            assert torch.equal(y, again), (warps, out_f, in_f, b, dtype, variant, ks)
+            for b, dtype, x, exact, tol, table in _inputs(w, tables, (1, 3, 8)):
+                for (c, variant), ks in ((lv, ks) for lv in layouts for ks in (0, 1, 3)):
+                    y = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks, variant)
+                    assert rel_error(y, exact) <= tol, (warps, out_f, in_f, b, dtype, variant, ks)
+                    again = torch.ops.glq_cuda.matmul(x, c, table, row_scale, rate, tables.gain, 0, ks, variant)
+                    assert torch.equal(y, again), (warps, out_f, in_f, b, dtype, variant, ks)
 
 
 @pytest.mark.parametrize("rate", [4, 5, 6, 7, 8], ids=lambda r: f"r{r}")
@@ -354,17 +352,12 @@ def test_row_tile_step_kernel_matches_reference_and_repeats(cuda_ext, rate):
     for out_f, in_f in [(4096, 14336), (960, 2688), (24, 24), (1536, 576), (8, 8 * 1001), (576, 1536)]:
         codes, tables, row_scale = random_layer(rate, out_f, in_f, seed=5, device="cuda")
         w = dequantize(codes, tables, row_scale)
-        for b in (1, 2, 7, 8):
-            for dtype in DTYPES:
-                x = torch.randn(b, in_f, device="cuda").to(dtype)
-                exact = exact_matmul(x, w)
-                tol = kernel_tolerance(x, w, exact, len(tables.bits))
-                table = tables.table(dtype, x.device)
-                for ks in (0, 1, 3, 64):
-                    y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
-                    assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, ks)
-                    again = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
-                    assert torch.equal(y, again), (out_f, in_f, b, dtype, ks)
+        for b, dtype, x, exact, tol, table in _inputs(w, tables, (1, 2, 7, 8)):
+            for ks in (0, 1, 3, 64):
+                y = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
+                assert rel_error(y, exact) <= tol, (out_f, in_f, b, dtype, ks)
+                again = torch.ops.glq_cuda.matmul(x, codes, table, row_scale, rate, tables.gain, 0, ks, 4)
+                assert torch.equal(y, again), (out_f, in_f, b, dtype, ks)
 
 
 def test_prefer_flag_plans_the_kernel_or_falls_back_without_raising(cuda_ext):
