@@ -1916,12 +1916,27 @@ int plan_slices(const void* fn, int threads, int smem, int rows, int parts, int 
   return cudaSuccess;
 }
 
-// Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
-// A step is one slice x kGemvT row tiles of a warp.
-// rep: 8 or 4 picks the table copies at rates 4-8 (anything else: 8 on layers of at least
-// kWideTableWeights weights within kWideMaxSmem, else 4).
+// v4's plan with `warps` per CTA (rep as gemv_plan's after its table-copy choice); *cost: the split planner's
+// price of it (plan_slices), in warp steps.
 int gemv_plan_warps(int B, int M, int K, int rate, int dtype, int rep, int warps, int ksplit, int device,
-                    MatmulPlan* plan, double* cost);
+                    MatmulPlan* plan, double* cost) {
+  const GemvInfo k = pick_gemv(rate, dtype, rep, false, warps);
+  if (k.fn == nullptr) return cudaErrorInvalidValue;
+  const int smem = k.table_bytes + k.warps * kGemvRows * B * 4;
+  // Fitted (stop 20; notes/kernels.md) to v4's forced splits, 1-4 on seven shapes at 2-8 bpw and batches 1
+  // and 4, plus 23 held-out cases of a first fit (H200), minimising the summed relative loss against the
+  // fastest split. An SM's slices weigh 2 steps per 16 (2048x2048 at 4 bpw: 5.9 us in 4 splits, 8.0
+  // unsplit); a split's workspace pass costs ~1.8 steps of rate 2 and the pass through a cluster ~0.8 of
+  // that (4096x4096 at 2 bpw: 6.6 us in 2 clustered splits, 7.3 unsplit); each round of items costs a fixed
+  // time beyond its slices, ~2 steps of rate 2 (the first code loads of an item wait a DRAM round trip; the
+  // epilogue), so fewer steps of the slower rates (28672x8192 at 3 bpw: 76.4 us unsplit in 4 rounds, 83.4
+  // in 2 splits and 7 rounds).
+  const SplitCost cost_of{2.0, 1.8 * 2.0 / rate, 1.5 * 2.0 / rate, 0.5 + 4.0 / rate};
+  const int err = plan_slices(k.fn, k.warps * 32, smem, kGemvRows, k.warps, k.copies, kKernelGemv, B, M, K, ksplit,
+                              device, plan, cost_of, cost);
+  plan->warps = k.warps;
+  return err;
+}
 
 // Warps per v4 CTA forced by GLQ_KERNELS_V4_WARPS (8 or 16, for measurements; applies at rates 2-3), else 0.
 int forced_gemv_warps() {
@@ -1931,6 +1946,10 @@ int forced_gemv_warps() {
   return w == kGemvWarps || w == kGemvWarps / 2 ? w : 0;
 }
 
+// Plan of the small-batch kernel; any error makes matmul_plan (auto) fall back to the MMA kernel.
+// A step is one slice x kGemvT row tiles of a warp.
+// rep: 8 or 4 picks the table copies at rates 4-8 (anything else: 8 on layers of at least
+// kWideTableWeights weights within kWideMaxSmem, else 4).
 int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int device, MatmulPlan* plan) {
   if (B < 1 || B > kGemvMaxB) return cudaErrorInvalidValue;
   const int red_bytes = kGemvWarps * kGemvRows * B * 4;
@@ -1964,26 +1983,6 @@ int gemv_plan(int B, int M, int K, int rate, int dtype, int rep, int ksplit, int
     *plan = eight;
   }
   return cudaSuccess;
-}
-
-int gemv_plan_warps(int B, int M, int K, int rate, int dtype, int rep, int warps, int ksplit, int device,
-                    MatmulPlan* plan, double* cost) {
-  const GemvInfo k = pick_gemv(rate, dtype, rep, false, warps);
-  if (k.fn == nullptr) return cudaErrorInvalidValue;
-  const int smem = k.table_bytes + k.warps * kGemvRows * B * 4;
-  // Fitted (stop 20; notes/kernels.md) to v4's forced splits, 1-4 on seven shapes at 2-8 bpw and batches 1
-  // and 4, plus 23 held-out cases of a first fit (H200), minimising the summed relative loss against the
-  // fastest split. An SM's slices weigh 2 steps per 16 (2048x2048 at 4 bpw: 5.9 us in 4 splits, 8.0
-  // unsplit); a split's workspace pass costs ~1.8 steps of rate 2 and the pass through a cluster ~0.8 of
-  // that (4096x4096 at 2 bpw: 6.6 us in 2 clustered splits, 7.3 unsplit); each round of items costs a fixed
-  // time beyond its slices, ~2 steps of rate 2 (the first code loads of an item wait a DRAM round trip; the
-  // epilogue), so fewer steps of the slower rates (28672x8192 at 3 bpw: 76.4 us unsplit in 4 rounds, 83.4
-  // in 2 splits and 7 rounds).
-  const SplitCost cost_of{2.0, 1.8 * 2.0 / rate, 1.5 * 2.0 / rate, 0.5 + 4.0 / rate};
-  const int err = plan_slices(k.fn, k.warps * 32, smem, kGemvRows, k.warps, k.copies, kKernelGemv, B, M, K, ksplit,
-                              device, plan, cost_of, cost);
-  plan->warps = k.warps;
-  return err;
 }
 
 // Plan of variant 4: items as v4's, kRtStride column parts; a step is one slice x one row tile.
